@@ -1,0 +1,264 @@
+"""Bytes to model input: sniff the type, decode safely, crop to the head, resize and scale.
+
+`load_scan` is the one preprocessing function that training, evaluation, batch prediction and
+serving all call, so the network always sees pixels prepared the same way. Nothing here imports
+Flask or TensorFlow, and nothing here writes to disk.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "PREPROCESSING",
+    "ImageError",
+    "crop_to_head",
+    "decode_image",
+    "image_dimensions",
+    "load_scan",
+    "preprocess",
+    "sniff_format",
+    "to_uint8",
+]
+
+# Decoded images larger than this are refused before any pixel is allocated (decompression bombs).
+# Clinical slices are 256²–1024²; 64 MP leaves room for screenshots and 16-bit scans.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+# Bumped whenever the pixels `preprocess` produces change, so caches and models can tell.
+PREPROCESSING_VERSION = 1
+
+# Travels in the model metadata so a reader knows what the network expects (timm's "cfg").
+PREPROCESSING = {
+    "function": "brainmri.imaging.load_scan",
+    "version": PREPROCESSING_VERSION,
+    "steps": [
+        "decode PNG/JPEG (EXIF orientation applied, 16-bit kept)",
+        "convert to one grayscale channel (alpha dropped)",
+        "crop to the bounding box of the largest component above half the Otsu level (the head), 4% margin",
+        "pad to a square with the background value",
+        "resize with area interpolation to the model's input size",
+        "scale intensities linearly: 0.5th percentile -> 0, 99.5th percentile -> 1, clipped",
+    ],
+}
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"%PDF", "pdf"),
+)
+SUPPORTED_FORMATS = ("png", "jpeg")
+
+
+class ImageError(ValueError):
+    """An input that cannot become a model input; `message` is safe to show to a user.
+
+    `code` is a stable machine-readable reason (`empty_file`, `not_an_image`,
+    `unsupported_type`, `corrupt_image`, `image_too_large`); `errors.py` maps it to HTTP.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Dimensions:
+    width: int
+    height: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return the container format named by the magic bytes, or None if unknown."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def image_dimensions(data: bytes, fmt: str) -> tuple[int, int]:
+    """Read (width, height) from a PNG or JPEG header without decoding any pixels.
+
+    Raises:
+        ImageError: when the header is missing or malformed.
+    """
+    if fmt == "png":
+        # IHDR is always the first chunk: length(4) 'IHDR'(4) width(4) height(4).
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageError("corrupt_image", "The PNG file is damaged (no image header).")
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if fmt == "jpeg":
+        dims = _jpeg_dimensions(data)
+        if dims is None:
+            raise ImageError("corrupt_image", "The JPEG file is damaged (no frame header).")
+        return dims.width, dims.height
+    raise ImageError("unsupported_type", f"Unsupported image type: {fmt}.")
+
+
+def _jpeg_dimensions(data: bytes) -> _Dimensions | None:
+    """Walk JPEG markers up to the first start-of-frame segment."""
+    pos = 2
+    size = len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            return None
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 9 > size:
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return _Dimensions(width, height)
+        pos += 2 + length
+    return None
+
+
+def _is_truncated(data: bytes, fmt: str) -> bool:
+    """True when the file ends before its end marker (libjpeg would pad it with grey)."""
+    if fmt == "jpeg":
+        return b"\xff\xd9" not in data[-1024:]
+    if fmt == "png":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode PNG/JPEG bytes into a 2-D float32 grayscale array in the file's own value range.
+
+    Raises:
+        ImageError: empty, unknown, unsupported, truncated, corrupt or oversized input.
+    """
+    if not data:
+        raise ImageError("empty_file", "The file is empty.")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(
+            "not_an_image", "The file is not an image. Upload a PNG or JPEG brain MRI slice."
+        )
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(
+            "unsupported_type",
+            f"{fmt.upper()} files are not supported. Upload a PNG or JPEG brain MRI slice.",
+        )
+    width, height = image_dimensions(data, fmt)
+    if width == 0 or height == 0:
+        raise ImageError("corrupt_image", "The image header declares zero width or height.")
+    if width * height > max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels.",
+        )
+    if _is_truncated(data, fmt):
+        raise ImageError("corrupt_image", "The image file is truncated or damaged.")
+    # ANYDEPTH keeps 16-bit PNGs; ANYCOLOR keeps gray as gray; both still apply EXIF orientation.
+    image = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    )
+    if image is None or image.size == 0:
+        raise ImageError("corrupt_image", "The image could not be decoded; it may be damaged.")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return image.astype(np.float32)
+
+
+def to_uint8(gray: np.ndarray) -> np.ndarray:
+    """Map any-range grayscale to uint8 using its 0.5/99.5 percentiles (robust to outliers)."""
+    low, high = np.percentile(gray, (0.5, 99.5))
+    if high <= low:
+        high = low + 1.0
+    return (np.clip((gray - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def crop_to_head(gray: np.ndarray, margin: float = 0.04) -> np.ndarray:
+    """Crop to the largest bright connected component and pad it to a square.
+
+    Borders, black padding and small annotations around the head are removed, so slices
+    framed differently look alike to the network. Falls back to the whole image when no
+    plausible head is found (e.g. a uniform image).
+    """
+    small_side = 256
+    scale = min(1.0, small_side / max(gray.shape))
+    thumb = gray
+    if scale < 1:
+        thumb = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    thumb = cv2.GaussianBlur(to_uint8(thumb), (5, 5), 0)
+    # Half of Otsu's level keeps dark brain tissue attached to the skull, so a bright tumor
+    # is never mistaken for the whole head.
+    otsu, _ = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    _, mask = cv2.threshold(thumb, max(otsu / 2, 8), 255, cv2.THRESH_BINARY)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count > 1:
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        best = 1 + int(np.argmax(areas))
+        if areas[best - 1] >= 0.02 * thumb.size:
+            x, y, w, h = (stats[best, k] for k in range(4))
+            pad_x, pad_y = int(w * margin), int(h * margin)
+            x0 = max(0, int((x - pad_x) / scale))
+            y0 = max(0, int((y - pad_y) / scale))
+            x1 = min(gray.shape[1], int(np.ceil((x + w + pad_x) / scale)))
+            y1 = min(gray.shape[0], int(np.ceil((y + h + pad_y) / scale)))
+            gray = gray[y0:y1, x0:x1]
+    height, width = gray.shape
+    side = max(height, width)
+    if height == width:
+        return gray
+    background = float(np.percentile(gray, 1))
+    top = (side - height) // 2
+    left = (side - width) // 2
+    return cv2.copyMakeBorder(
+        gray, top, side - height - top, left, side - width - left,
+        cv2.BORDER_CONSTANT, value=background,
+    )
+
+
+def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
+    """Turn a decoded 2-D grayscale array into a (size, size, 1) float32 input in [0, 1]."""
+    square = crop_to_head(gray.astype(np.float32, copy=False))
+    interpolation = cv2.INTER_AREA if square.shape[0] >= size else cv2.INTER_CUBIC
+    resized = cv2.resize(square, (size, size), interpolation=interpolation)
+    low, high = np.percentile(resized, (0.5, 99.5))
+    if high <= low:
+        scaled = np.zeros_like(resized)
+    else:
+        scaled = np.clip((resized - low) / (high - low), 0.0, 1.0)
+    return scaled.astype(np.float32)[..., None]
+
+
+def load_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes and prepare them for the network: the shared preprocessing path.
+
+    Args:
+        data: the raw file bytes (PNG or JPEG).
+        size: the model's square input side in pixels.
+        max_pixels: refuse images whose header declares more pixels than this.
+
+    Returns:
+        float32 array of shape (size, size, 1) with values in [0, 1].
+
+    Raises:
+        ImageError: the bytes are not a usable image.
+    """
+    return preprocess(decode_image(data, max_pixels=max_pixels), size)
