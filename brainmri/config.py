@@ -1,0 +1,91 @@
+"""Configuration defaults and the secret key: no hard-coded secret, zero-configuration start.
+
+Every key can be overridden from the environment with the ``FLASK_`` prefix
+(``FLASK_MAX_CONTENT_LENGTH=10485760``, ``FLASK_BRAINMRI_MODEL_PATH=/srv/model.h5``); values are
+parsed as JSON, so numbers become ints and booleans must be lowercase ``true``/``false``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from .imaging import DEFAULT_MAX_PIXELS
+
+__all__ = ["DEFAULTS", "PROJECT_ROOT", "SECRET_KEY_FILE", "ensure_secret_key", "read_or_create_key"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SECRET_KEY_FILE = "secret_key"
+
+DEFAULTS: dict[str, Any] = {
+    # From FLASK_SECRET_KEY, else generated once into instance/secret_key (ensure_secret_key).
+    "SECRET_KEY": None,
+    # Larger request bodies are refused with 413 before any image decoding happens.
+    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,
+    # Non-file form fields (only the form token). Werkzeug also checks this against its multipart
+    # parse buffer, which is fed 64 KiB at a time, so a value at or below 64 KiB would refuse
+    # every file larger than that with 413; 256 KiB leaves headroom.
+    "MAX_FORM_MEMORY_SIZE": 256 * 1024,
+    # The upload form has two parts (token + file); leave headroom, refuse part floods.
+    "MAX_FORM_PARTS": 10,
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Lax",  # set FLASK_SESSION_COOKIE_SECURE=true behind HTTPS
+    "BRAINMRI_MODEL_PATH": str(PROJECT_ROOT / "model" / "brainmri_cnn.h5"),
+    # Images whose header declares more pixels are refused before decoding (decompression bombs).
+    "BRAINMRI_MAX_PIXELS": DEFAULT_MAX_PIXELS,
+    # True only for tools that need the app but no model (tests, the CLI before training).
+    "BRAINMRI_SKIP_MODEL": False,
+    # Signed, session-bound token on the upload form (see security.py for why not Origin checks).
+    "BRAINMRI_CSRF_ENABLED": True,
+    "BRAINMRI_CSRF_TIME_LIMIT": 3600,
+}
+
+
+def ensure_secret_key(app: Flask) -> None:
+    """Use FLASK_SECRET_KEY, else a random key created once in the instance folder (mode 0600).
+
+    Every gunicorn worker reads the same file, so form tokens and session cookies signed by one
+    worker verify in another, and a newcomer's first ``uv run`` needs no configuration.
+    """
+    if app.config.get("SECRET_KEY"):
+        return
+    app.config["SECRET_KEY"] = read_or_create_key(Path(app.instance_path) / SECRET_KEY_FILE)
+
+
+def read_or_create_key(path: Path) -> str:
+    """Return the key stored at `path`, creating it atomically if it does not exist yet.
+
+    The key is written to a private temporary file first and then hard-linked into place:
+    ``link`` fails if the name exists (like ``O_EXCL``) and the linked file is already complete,
+    so concurrent workers starting together all end up reading the same, fully written key.
+
+    Raises:
+        RuntimeError: the existing key file is empty (delete it to generate a new key).
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                pass  # another worker won the race; use its key
+        finally:
+            os.unlink(tmp_name)
+    key = path.read_text(encoding="ascii").strip()
+    if not key:
+        raise RuntimeError(
+            f"The secret key file {SECRET_KEY_FILE} in the instance folder is empty; "
+            "delete it to generate a new key, or set FLASK_SECRET_KEY."
+        )
+    return key

@@ -1,0 +1,41 @@
+"""Gunicorn settings; gunicorn reads ./gunicorn.conf.py by default (``uv run gunicorn``)."""
+
+import os
+
+
+def _cpu_count() -> int:
+    """Cores this process may run on (respects taskset/cgroup CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS
+        return os.cpu_count() or 1
+
+
+cores = _cpu_count()
+
+wsgi_app = "main:app"
+# Behind a reverse proxy on the same host; set GUNICORN_BIND=0.0.0.0:8000 only in a container.
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+# Threads keep pages, static files and probes responsive while one request runs inference
+# (inference itself is serialised by a lock in each worker).
+worker_class = "gthread"
+# Each worker holds its own copy of the model, so scale with processes, not (2 × cores) + 1.
+workers = int(os.environ.get("WEB_CONCURRENCY", min(2, cores)))
+threads = int(os.environ.get("GUNICORN_THREADS", "2"))
+
+# TensorFlow defaults to one intra-op thread per core in *every* process; split the cores between
+# workers instead. Set here so the workers inherit them, before any of them imports TensorFlow
+# (tensorflow#57812: thread counts cannot change after initialisation).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+# NEVER True with TensorFlow: the model must load in each worker after fork (gunicorn#1891).
+preload_app = False
+# Worker boot = import TensorFlow + load the .h5 + warm-up; it must fit inside this.
+timeout = 120
+graceful_timeout = 30
+# Recycle workers to cap slow native-memory growth in TensorFlow (tensorflow#33009).
+max_requests = 500
+max_requests_jitter = 50
+# URLs only; nothing identifying ever goes into a query string.
+accesslog = "-"

@@ -1,0 +1,173 @@
+"""Shared fixtures: the app with a fake predictor (no TensorFlow), clients and test images."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from brainmri import create_app
+from brainmri.imaging import load_scan
+from brainmri.modelcard import CLASSES
+from brainmri.predictor import EXTENSION_KEY
+from brainmri.predictor import Prediction
+
+FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}
+
+
+class FakeCard:
+    """The parts of ModelCard the web side reads."""
+
+    name = "fake-cnn"
+    version = "0.0-test"
+    sha256 = "0" * 64
+    classes = CLASSES
+    input_size = 32
+    channels = 1
+
+    @property
+    def summary(self) -> dict[str, str]:
+        """Name, version and sha256, as the API reports them."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+class FakePredictor:
+    """Same interface as Predictor with fixed softmax output; real preprocessing, no TensorFlow."""
+
+    def __init__(self, probabilities: dict[str, float] | None = None) -> None:
+        self.card = FakeCard()
+        self.probabilities = probabilities or FAKE_PROBABILITIES
+        self.max_pixels = 8192 * 8192
+        self.loaded = False
+        self.calls = 0
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names in output order."""
+        return self.card.classes
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input."""
+        return self.card.input_size
+
+    @property
+    def ready(self) -> bool:
+        """True once load() ran."""
+        return self.loaded
+
+    def load(self) -> None:
+        """Pretend to load the model (idempotent)."""
+        self.loaded = True
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """The real shared preprocessing."""
+        return load_scan(data, self.input_size, max_pixels=self.max_pixels)
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """Fixed probabilities for a correctly shaped input."""
+        assert image.shape == (self.input_size, self.input_size, 1)
+        self.load()
+        self.calls += 1
+        return Prediction.from_probabilities(self.probabilities)
+
+    def predict_bytes(self, data: bytes) -> Prediction:
+        """Decode, preprocess and classify."""
+        return self.predict(self.prepare(data))
+
+
+@pytest.fixture
+def predictor() -> FakePredictor:
+    """An unloaded fake predictor."""
+    return FakePredictor()
+
+
+@pytest.fixture
+def app(predictor):
+    """The app configured for tests, with the fake predictor installed."""
+    app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "BRAINMRI_SKIP_MODEL": True})
+    app.extensions[EXTENSION_KEY] = predictor
+    return app
+
+
+@pytest.fixture
+def client(app):
+    """A test client for the app."""
+    return app.test_client()
+
+
+class PageActions:
+    """Drive the HTML upload form like a browser: fetch the page for its token, then post."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def token(self) -> str:
+        """The form token from a freshly fetched upload page."""
+        html = self._client.get("/").get_data(as_text=True)
+        return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+    def upload(self, data: bytes, filename: str = "scan.png", token: str | None = None):
+        """POST the upload form with a file."""
+        form = {"file": (io.BytesIO(data), filename)}
+        form["csrf_token"] = self.token() if token is None else token
+        return self._client.post("/predict", data=form, content_type="multipart/form-data")
+
+
+@pytest.fixture
+def pages(client) -> PageActions:
+    """Helper for the HTML form."""
+    return PageActions(client)
+
+
+def synthetic_slice(size: int = 96, seed: int = 0) -> np.ndarray:
+    """A uint8 grey image that looks vaguely like an axial slice: a bright ellipse on black."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size), np.uint8)
+    center = (size // 2, size // 2)
+    cv2.ellipse(image, center, (size * 2 // 5, size // 3), 0, 0, 360, 160, -1)
+    cv2.circle(image, (size // 2 + size // 8, size // 2), size // 10, 240, -1)
+    noise = rng.integers(0, 20, image.shape, dtype=np.uint8)
+    return cv2.add(image, noise)
+
+
+def encode(image: np.ndarray, ext: str = ".png") -> bytes:
+    """Encode an array with OpenCV."""
+    ok, buf = cv2.imencode(ext, image)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture
+def png_bytes() -> bytes:
+    """A small valid grey PNG."""
+    return encode(synthetic_slice())
+
+
+@pytest.fixture
+def jpeg_bytes() -> bytes:
+    """A small valid colour JPEG."""
+    return encode(cv2.cvtColor(synthetic_slice(), cv2.COLOR_GRAY2BGR), ".jpg")
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with a correct CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
+        ">I", zlib.crc32(kind + payload) & 0xFFFFFFFF
+    )
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny, well-formed PNG whose header claims a huge image (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
