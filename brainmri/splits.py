@@ -1,0 +1,98 @@
+"""Split a data set into train / validation / test by duplicate group, stratified by class.
+
+Every member of a near-duplicate group lands in the same split, so the test split is
+group-disjoint from everything the model trained or validated on. Images from an official
+Testing folder are never trained on; they form their own evaluation set.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["OFFICIAL_TEST", "SPLITS", "SplitPlan", "split_by_group"]
+
+TRAIN, VAL, TEST = "train", "val", "test"
+OFFICIAL_TEST = "official_test"
+EXCLUDED = "excluded"
+SPLITS = (TRAIN, VAL, TEST)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Per-image split names, index-aligned with the data set."""
+
+    assignment: np.ndarray  # dtype str: train / val / test / official_test / excluded
+
+    def indices(self, split: str) -> np.ndarray:
+        """Indices of the images assigned to `split`."""
+        return np.flatnonzero(self.assignment == split)
+
+    def counts(self, labels: list[str]) -> dict[str, dict[str, int]]:
+        """{split: {class: count}} for a summary or the model metadata."""
+        table: dict[str, dict[str, int]] = {}
+        for split, label in zip(self.assignment.tolist(), labels):
+            table.setdefault(split, Counter())[label] += 1
+        return {split: dict(sorted(counter.items())) for split, counter in sorted(table.items())}
+
+
+def split_by_group(
+    groups: np.ndarray,
+    labels: list[str],
+    sources: list[str],
+    fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
+    seed: int = 42,
+    exclude_official_test_duplicates: bool = False,
+) -> SplitPlan:
+    """Assign whole duplicate groups to train/val/test, stratified by each group's majority class.
+
+    Args:
+        groups: near-duplicate group id per image (`dedup.group_near_duplicates`).
+        labels: class name per image.
+        sources: "train" or "test" per image; "test" images (an official Testing folder) are
+            set aside as `official_test` and never enter train, val or test.
+        fractions: target image fractions for train, val and test.
+        seed: makes the split reproducible.
+        exclude_official_test_duplicates: also keep out of train/val every image that has a
+            near-duplicate in the official Testing folder (makes that folder leak-free too).
+    """
+    groups = np.asarray(groups)
+    n = len(groups)
+    if not (len(labels) == len(sources) == n):
+        raise ValueError("groups, labels and sources must have the same length")
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
+    assignment = np.full(n, TRAIN, dtype=object)
+    is_official = np.array([s == "test" for s in sources])
+    assignment[is_official] = OFFICIAL_TEST
+    if exclude_official_test_duplicates:
+        tainted = set(groups[is_official].tolist())
+        assignment[~is_official & np.isin(groups, list(tainted))] = EXCLUDED
+
+    pool = np.flatnonzero(assignment == TRAIN)
+    members: dict[int, list[int]] = {}
+    for index in pool:
+        members.setdefault(int(groups[index]), []).append(int(index))
+    by_class: dict[str, list[int]] = {}
+    for group, idx in members.items():
+        majority = Counter(labels[i] for i in idx).most_common(1)[0][0]
+        by_class.setdefault(majority, []).append(group)
+
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_class):
+        class_groups = sorted(by_class[label])
+        rng.shuffle(class_groups)
+        total = sum(len(members[g]) for g in class_groups)
+        targets = {TEST: fractions[2] * total, VAL: fractions[1] * total}
+        filled = {TEST: 0, VAL: 0}
+        for group in class_groups:
+            size = len(members[group])
+            # Fill test first, then validation, each up to its target; the rest trains.
+            for split in (TEST, VAL):
+                if filled[split] + size / 2 <= targets[split]:
+                    filled[split] += size
+                    assignment[members[group]] = split
+                    break
+    return SplitPlan(assignment.astype(str))
