@@ -1,0 +1,241 @@
+"""The `brainmri` command: train, evaluate, predict, audit, plus Flask's run/routes/shell.
+
+TensorFlow is imported inside the commands that need it, so `brainmri --help` and `audit`
+stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from flask.cli import FlaskGroup
+from flask.cli import NoAppException
+
+from .config import DEFAULTS
+from .config import PROJECT_ROOT
+from .modelcard import CLASSES
+from .modelcard import ModelError
+
+__all__ = ["cli"]
+
+DEFAULT_MODEL = Path(DEFAULTS["BRAINMRI_MODEL_PATH"])
+_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _create_cli_app():
+    """The app for Flask's own commands; a missing model is reported, not a traceback."""
+    from . import create_app
+
+    try:
+        return create_app()
+    except ModelError as exc:
+        raise NoAppException(str(exc)) from exc
+
+
+@click.group(cls=FlaskGroup, create_app=_create_cli_app)
+def cli() -> None:
+    """BrainMRI: train, evaluate and serve a brain MRI tumor classifier (research use only)."""
+
+
+def _progress_bar(length: int, label: str):
+    return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True,
+                             show_eta=True)
+
+
+def _reproducible_command(ctx: click.Context) -> str:
+    """The command line that repeats this run: every option the user set, quoted."""
+    from click.core import ParameterSource
+
+    parts = ["uv", "run", "brainmri", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            parts += [param.opts[0]] if value else []
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
+
+
+def _with_cache_progress(data: Path, label: str):
+    """A progress bar sized to the number of images under `data` and its update callback."""
+    from .dataset import discover
+
+    bar = _progress_bar(len(discover(data)), label)
+    return bar, bar.update
+
+
+@cli.command("train", with_appcontext=False)
+@click.option("--data", type=_DIR, required=True,
+              help="Data set folder: Training/<class>/ and Testing/<class>/, or <class>/ folders.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_MODEL.parent, show_default=True, help="Where to write the model.")
+@click.option("--name", default="brainmri_cnn", show_default=True, help="Model file stem.")
+@click.option("--epochs", default=60, show_default=True, help="Upper bound; early stopping ends sooner.")
+@click.option("--max-minutes", default=28.0, show_default=True,
+              help="Wall-clock budget for the training loop (stops after the epoch that crosses it).")
+@click.option("--size", default=128, show_default=True, help="Square input side in pixels.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--learning-rate", default=2e-3, show_default=True)
+@click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")
+@click.option("--group-distance", default=None, type=int,
+              help="pHash Hamming distance that makes two images duplicates [default: 4].")
+@click.option("--exclude-test-duplicates", is_flag=True,
+              help="Also keep out of training every image with a near-duplicate in Testing/.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Preprocessed-image cache [default: $BRAINMRI_CACHE or ./.cache/brainmri].")
+def train_command(data: Path, out: Path, name: str, epochs: int, max_minutes: float, size: int,
+                  batch_size: int, learning_rate: float, seed: int, group_distance: int | None,
+                  exclude_test_duplicates: bool, cache_dir: Path | None) -> None:
+    """Train the CNN on leakage-free splits and write <name>.h5 with its metadata."""
+    from . import dedup
+    from . import training
+
+    config = training.TrainConfig(
+        size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        max_minutes=max_minutes, name=name,
+        group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
+        exclude_official_test_duplicates=exclude_test_duplicates,
+    )
+    from .dataset import load_dataset
+
+    # Decode and preprocess once (cached), under a progress bar, before Keras prints epochs.
+    bar, update = _with_cache_progress(data, "Preprocessing images")
+    with bar:
+        load_dataset(data, size, cache_dir=cache_dir, progress=update)
+    command = _reproducible_command(click.get_current_context())
+    result = training.train(data, out, config, cache_dir=cache_dir, command=command)
+    click.echo(f"Wrote {result.model_path} ({result.model_path.stat().st_size / 1e6:.2f} MB), "
+               f"{result.metadata_path.name}, {result.history_path.name}, {result.splits_path.name}")
+    click.echo(f"Training took {result.wall_seconds / 60:.1f} min, {result.epochs_run} epochs "
+               f"(best epoch {result.best_epoch}); validation accuracy "
+               f"{result.validation['val_accuracy']:.4f}")
+    for split, counts in result.split_counts.items():
+        click.echo(f"  {split:>14}: {sum(counts.values()):5d} images {counts}")
+
+
+@cli.command("evaluate", with_appcontext=False)
+@click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_MODEL, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=PROJECT_ROOT / "reports", show_default=True)
+@click.option("--write-metadata", is_flag=True,
+              help="Store the headline figures in the model's metadata JSON.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def evaluate_command(data: Path, model_path: Path, out: Path, write_metadata: bool,
+                     cache_dir: Path | None) -> None:
+    """Write metrics.json and plots (confusion, ROC, confidence, reliability, training curves)."""
+    from . import evaluation
+    from .modelcard import metadata_path_for
+
+    bar, update = _with_cache_progress(data, "Loading images")
+    with bar:
+        report = evaluation.evaluate(model_path, data, out, cache_dir=cache_dir, progress=update)
+    for name, metrics in report["sets"].items():
+        recall = {c: metrics["per_class"][c]["recall"] for c in CLASSES}
+        click.echo(f"{name:>20}: n={metrics['images']:4d} accuracy={metrics['accuracy']:.4f} "
+                   f"macro-F1={metrics['macro_f1']:.4f} ECE={metrics['ece']:.4f} recall={recall}")
+    click.echo(f"Wrote {out / 'metrics.json'} and {len(report['plots'])} plots")
+    if write_metadata:
+        meta_path = metadata_path_for(model_path)
+        meta = json.loads(meta_path.read_text())
+        meta["evaluation"] = {
+            name: {key: m[key] for key in ("images", "accuracy", "macro_f1", "ece")}
+            | {"recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
+            for name, m in report["sets"].items()
+        }
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        click.echo(f"Updated {meta_path}")
+
+
+@cli.command("predict", with_appcontext=False)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output CSV (one row per file, written as it goes).")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_MODEL, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path, batch_size: int) -> None:
+    """Classify image files and folders (recursive) into a CSV; unreadable files get an error row."""
+    from .dataset import iter_image_files
+    from .imaging import ImageError
+    from .predictor import Predictor
+
+    files = iter_image_files(list(paths))
+    predictor = Predictor.from_path(model_path)
+    predictor.load()
+    counts = {"ok": 0, "error": 0}
+    with csv_path.open("w", newline="", encoding="utf-8") as handle, \
+            _progress_bar(len(files), "Classifying") as bar:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "confidence", *CLASSES, "tumor_probability", "error"])
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            ready, arrays = [], []
+            for path in chunk:
+                try:
+                    arrays.append(predictor.prepare(path.read_bytes()))
+                    ready.append(path)
+                except (ImageError, OSError) as exc:
+                    writer.writerow([str(path), "", "", "", "", "", "", "",
+                                     getattr(exc, "message", type(exc).__name__)])
+                    counts["error"] += 1
+            for path, result in zip(ready, predictor.predict_batch(arrays)):
+                writer.writerow([str(path), result.label, f"{result.confidence:.6f}",
+                                 *(f"{result.probabilities[c]:.6f}" for c in CLASSES),
+                                 f"{result.tumor_probability:.6f}", ""])
+                counts["ok"] += 1
+            handle.flush()
+            bar.update(len(chunk))
+    click.echo(f"Wrote {csv_path}: {counts['ok']} classified, {counts['error']} unreadable")
+
+
+@cli.command("audit", with_appcontext=False)
+@click.argument("data", type=_DIR)
+@click.option("--distance", default=None, type=int,
+              help="pHash Hamming distance that makes two images duplicates [default: 4].")
+@click.option("--show", default=20, show_default=True, help="How many groups to list.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def audit_command(data: Path, distance: int | None, show: int, cache_dir: Path | None) -> None:
+    """Print near-duplicate groups, label conflicts and Training/Testing leaks in a data set."""
+    from . import dedup
+    from .dataset import load_dataset
+
+    distance = dedup.DEFAULT_MAX_DISTANCE if distance is None else distance
+    bar, update = _with_cache_progress(data, "Hashing images")
+    with bar:
+        dataset = load_dataset(data, 128, cache_dir=cache_dir, progress=update)
+    group_ids = dedup.group_near_duplicates(dataset.hashes, distance)
+    groups = dedup.duplicate_groups(group_ids, dataset.labels)
+    conflicts = [g for g in groups if g.conflicting]
+    in_groups = sum(len(g.members) for g in groups)
+    click.echo(f"{len(dataset.paths)} images, {len(groups)} near-duplicate groups "
+               f"(pHash distance <= {distance}) holding {in_groups} images; "
+               f"{len(conflicts)} groups carry conflicting labels.")
+    sources = dataset.sources
+    leaked = [i for i, s in enumerate(sources) if s == "test"
+              and any(sources[j] == "train" for j in np.flatnonzero(group_ids == group_ids[i]))]
+    if any(s == "test" for s in sources):
+        per_class = {c: sum(1 for i in leaked if dataset.labels[i] == c) for c in CLASSES}
+        n_test = sum(1 for s in sources if s == "test")
+        click.echo(f"{len(leaked)} of {n_test} Testing images have a near-duplicate in Training: "
+                   f"{per_class}")
+    for title, listing in (("Label conflicts", conflicts), ("Largest groups", groups)):
+        click.echo(f"\n{title}:")
+        for group in listing[:show]:
+            click.echo(f"  group of {len(group.members)}:")
+            for i in group.members:
+                click.echo(f"    {dataset.labels[i]:>10}  {dataset.paths[i]}")
+    if dataset.errors:
+        click.echo(f"\n{len(dataset.errors)} unreadable files:")
+        for path, why in list(dataset.errors.items())[:show]:
+            click.echo(f"  {path}: {why}")
+
