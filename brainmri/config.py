@@ -44,6 +44,12 @@ DEFAULTS: dict[str, Any] = {
     # Signed, session-bound token on the upload form (see security.py for why not Origin checks).
     "BRAINMRI_CSRF_ENABLED": True,
     "BRAINMRI_CSRF_TIME_LIMIT": 3600,
+    # The result page labels a prediction "uncertain", not a finding, when the top class's softmax
+    # output is below this. With four classes chance is 0.25; below 0.6 the other three classes
+    # together still hold over 40%, so the model leans rather than decides, and CNN softmax scores
+    # are usually over-confident, so the real error rate there is higher still. 0.6 errs on the
+    # side of saying "uncertain". Provisional: a later issue calibrates it on validation data.
+    "BRAINMRI_UNCERTAIN_BELOW": 0.6,
 }
 
 

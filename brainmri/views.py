@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import math
+from collections.abc import Mapping
 
 import cv2
 import numpy as np
@@ -12,21 +14,15 @@ from flask import render_template
 from flask.typing import ResponseReturnValue
 
 from . import uploads
+from .descriptions import CLASS_DESCRIPTIONS
+from .descriptions import CLASS_NAMES
 from .errors import size_limit_text
 from .modelcard import CLASSES
 from .predictor import DISCLAIMER
 
-__all__ = ["CLASS_NAMES", "bp"]
+__all__ = ["CLASS_NAMES", "bp", "is_uncertain", "rounded_percentages"]
 
 bp = Blueprint("pages", __name__)
-
-# How each class is named to people (the API keeps the machine names).
-CLASS_NAMES = {
-    "glioma": "Glioma",
-    "meningioma": "Meningioma",
-    "no_tumor": "No tumor",
-    "pituitary": "Pituitary tumor",
-}
 
 
 def preview_data_uri(model_input: np.ndarray) -> str:
@@ -36,6 +32,28 @@ def preview_data_uri(model_input: np.ndarray) -> str:
     if not ok:
         raise RuntimeError("PNG encoding of the preview failed")
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def rounded_percentages(probabilities: Mapping[str, float], decimals: int = 1) -> dict[str, float]:
+    """Percentages rounded so that they add up to exactly 100 (largest-remainder rounding).
+
+    Rounding each value on its own can show 99.9% or 100.1% in total, which a reader checking
+    the bars would rightly distrust; the shift never exceeds one unit in the last decimal.
+    """
+    scale = 10**decimals
+    total = sum(probabilities.values()) or 1.0
+    exact = {name: value / total * 100 * scale for name, value in probabilities.items()}
+    units = {name: math.floor(value) for name, value in exact.items()}
+    short = 100 * scale - sum(units.values())
+    by_remainder = sorted(exact, key=lambda name: exact[name] - units[name], reverse=True)
+    for name in by_remainder[:short]:
+        units[name] += 1
+    return {name: units[name] / scale for name in probabilities}
+
+
+def is_uncertain(confidence: float) -> bool:
+    """True when the top class is too weak to present as a finding (BRAINMRI_UNCERTAIN_BELOW)."""
+    return confidence < float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"])
 
 
 def _upload_limits() -> dict[str, str]:
@@ -53,10 +71,10 @@ def inject_disclaimer() -> dict[str, str]:
     return {"disclaimer": DISCLAIMER}
 
 
-@bp.app_template_filter("percent")
-def percent(value: float) -> str:
-    """Format a probability in [0, 1] as a percentage with one decimal ("62.5%")."""
-    return f"{value * 100:.1f}%"
+@bp.app_template_filter("percentage")
+def percentage(value: float) -> str:
+    """Format a value that is already a percentage with one decimal ("62.5%")."""
+    return f"{value:.1f}%"
 
 
 @bp.app_template_global("class_name")
@@ -68,17 +86,29 @@ def class_name(label: str) -> str:
 @bp.get("/")
 def index() -> ResponseReturnValue:
     """Show the upload form."""
-    return render_template("upload.html", classes=CLASSES, **_upload_limits())
+    return render_template(
+        "upload.html",
+        classes=CLASSES,
+        uncertain_below=float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"]),
+        **_upload_limits(),
+    )
 
 
 @bp.post("/predict")
 def predict() -> ResponseReturnValue:
     """Classify the uploaded slice and show every class's confidence with the disclaimer."""
     result = uploads.classify(uploads.read_upload())
+    prediction = result.prediction
+    percentages = rounded_percentages(prediction.probabilities)
     # Only the model's input is shown back, re-encoded in memory; the upload itself is dropped.
     return render_template(
         "result.html",
-        prediction=result.prediction,
+        prediction=prediction,
+        percentages=percentages,
+        tumor_percentage=round(100 - percentages["no_tumor"], 1),
+        uncertain=is_uncertain(prediction.confidence),
+        uncertain_below=float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"]),
+        description=CLASS_DESCRIPTIONS.get(prediction.label, ""),
         preview=preview_data_uri(result.model_input),
         input_size=result.model_input.shape[0],
         model=uploads.current_predictor().card.summary,

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
 import pytest
+from flask import Flask
+from werkzeug.serving import make_server
 
 from brainmri import create_app
 from brainmri.imaging import load_scan
@@ -171,3 +177,36 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
         + png_chunk(b"IEND", b"")
     )
+
+
+# Debian's `chromium` package; Playwright drives it and never downloads a browser of its own.
+CHROMIUM = os.environ.get("BRAINMRI_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",  # CI containers run as root, where Chromium's sandbox cannot start
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def launch_chromium(playwright):
+    """Start the system Chromium headless under Playwright."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@contextmanager
+def serve(app: Flask) -> Iterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 from a background thread; yields the base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

@@ -9,9 +9,13 @@ import re
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from brainmri.descriptions import CLASS_DESCRIPTIONS
 from brainmri.modelcard import CLASSES
 from brainmri.predictor import DISCLAIMER
+from brainmri.views import rounded_percentages
 
 from conftest import PageActions
 from conftest import bomb_png
@@ -197,3 +201,66 @@ def test_static_assets(client):
         response = client.get(path)
         assert response.status_code == 200
         response.close()
+
+
+def test_confident_result_is_a_finding(pages, png_bytes):
+    """A top class at or above BRAINMRI_UNCERTAIN_BELOW (0.625 >= 0.6) is not marked uncertain."""
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert 'data-uncertain="false"' in html
+    assert "Uncertain result" not in html and 'id="result-status"' not in html
+    assert "Most likely class" in html
+
+
+def test_low_confidence_is_uncertain(pages, predictor, png_bytes):
+    """A weak top class is labelled uncertain and names the threshold."""
+    predictor.probabilities = {"glioma": 0.4, "meningioma": 0.35, "no_tumor": 0.05,
+                               "pituitary": 0.2}
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert 'data-uncertain="true"' in html
+    assert "Uncertain result" in html and "Leaning towards" in html
+    assert re.search(
+        r'id="result-status"[^>]*>\s*<strong>Uncertain\.</strong> No class reached 60%', html
+    )
+    assert re.search(r'id="result-label"[^>]*data-class="glioma"[^>]*>Glioma<', html)
+
+
+def test_uncertainty_threshold_is_config(app, client, pages, png_bytes):
+    """The threshold is the single config value BRAINMRI_UNCERTAIN_BELOW."""
+    assert app.config["BRAINMRI_UNCERTAIN_BELOW"] == 0.6
+    app.config["BRAINMRI_UNCERTAIN_BELOW"] = 0.7
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert 'data-uncertain="true"' in html and "No class reached 70%" in html
+    assert "reaches 70%" in " ".join(client.get("/").get_data(as_text=True).split())
+
+
+@pytest.mark.parametrize("label", CLASSES)
+def test_class_description_shown(pages, predictor, png_bytes, label):
+    """The predicted class's plain-language description is on the result page."""
+    predictor.probabilities = {name: (0.91 if name == label else 0.03) for name in CLASSES}
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert CLASS_DESCRIPTIONS[label] in html
+    others = [CLASS_DESCRIPTIONS[name] for name in CLASSES if name != label]
+    assert not any(text in html for text in others)
+
+
+def test_percentages_add_up_on_the_page(pages, predictor, png_bytes):
+    """Four thirds-ish values still show percentages that total exactly 100.0%."""
+    predictor.probabilities = {"glioma": 1 / 3, "meningioma": 1 / 3, "no_tumor": 1 / 6,
+                               "pituitary": 1 / 6}
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    values = re.findall(r'<span class="prob-value">([\d.]+)%</span>', html)
+    assert len(values) == 4
+    assert sum(float(v) for v in values) == pytest.approx(100.0)
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=4, max_size=4).filter(
+    lambda values: sum(values) > 1e-6))
+def test_rounded_percentages(values):
+    """Largest-remainder rounding: total exactly 100, each within 0.1 of its exact value."""
+    total = sum(values)
+    probabilities = dict(zip(CLASSES, (v / total for v in values)))
+    rounded = rounded_percentages(probabilities)
+    assert list(rounded) == list(CLASSES)
+    assert sum(round(v * 10) for v in rounded.values()) == 1000
+    for name, value in rounded.items():
+        assert abs(value - probabilities[name] * 100) <= 0.1 + 1e-9

@@ -14,6 +14,8 @@
   var fileName = document.getElementById("file-name");
   var errorBox = document.getElementById("error-message");
   var submit = document.getElementById("submit-button");
+  var dropTitle = document.getElementById("drop-title");
+  var chooseText = dropTitle.textContent;
 
   var maxBytes = parseInt(form.getAttribute("data-max-bytes"), 10) || 0;
   var maxSize = form.getAttribute("data-max-size") || "";
@@ -22,6 +24,9 @@
   var mimeTypes = accept.filter(function (item) { return item.indexOf("/") > 0; });
   var previewUrl = null;
 
+  // With the script running, the drop zone itself is the control: the native input is hidden
+  // visually (it stays focusable, so Tab, Enter and Space still reach it).
+  form.classList.add("js-enabled");
   Array.prototype.forEach.call(document.querySelectorAll(".js-only"), function (el) {
     el.hidden = false;
   });
@@ -76,6 +81,7 @@
     fileName.hidden = true;
     fileName.textContent = "";
     dropZone.classList.remove("has-file");
+    dropTitle.textContent = chooseText;
   }
 
   function showPreview(file) {
@@ -84,6 +90,7 @@
     fileName.textContent = "Selected image · " + formatSize(file.size);
     fileName.hidden = false;
     dropZone.classList.add("has-file");
+    dropTitle.textContent = "Choose another image";
     if (window.URL && URL.createObjectURL) {
       previewUrl = URL.createObjectURL(file);
       preview.src = previewUrl;
@@ -110,6 +117,14 @@
 
   input.addEventListener("change", handleSelection);
 
+  // A click anywhere in the zone opens the file chooser; the label and the input already do.
+  dropZone.addEventListener("click", function (event) {
+    if (event.target === input || event.target.closest("label")) {
+      return;
+    }
+    input.click();
+  });
+
   ["dragenter", "dragover"].forEach(function (type) {
     dropZone.addEventListener(type, function (event) {
       event.preventDefault();
@@ -120,7 +135,8 @@
 
   ["dragleave", "dragend"].forEach(function (type) {
     dropZone.addEventListener(type, function (event) {
-      if (event.target === dropZone) {
+      // Moving between the zone's children also fires dragleave; only leaving the zone counts.
+      if (!event.relatedTarget || !dropZone.contains(event.relatedTarget)) {
         dropZone.classList.remove("is-dragover");
       }
     });
