@@ -52,7 +52,11 @@ def split_by_group(
         groups: near-duplicate group id per image (`dedup.group_near_duplicates`).
         labels: class name per image.
         sources: "train" or "test" per image; "test" images (an official Testing folder) are
-            set aside as `official_test` and never enter train, val or test.
+            set aside as `official_test` and never enter train, val or test. Training images
+            whose group has a member in that folder always train: the leakage-free test split
+            then shares no image, or copy of one, with the official folder, and the official
+            figure follows the published protocol (train on the whole Training folder). The
+            evaluation reports the Testing images without such a copy separately.
         fractions: target image fractions for train, val and test.
         seed: makes the split reproducible.
         exclude_official_test_duplicates: also keep out of train/val every image that has a
@@ -67,11 +71,11 @@ def split_by_group(
     assignment = np.full(n, TRAIN, dtype=object)
     is_official = np.array([s == "test" for s in sources])
     assignment[is_official] = OFFICIAL_TEST
+    tainted = ~is_official & np.isin(groups, np.unique(groups[is_official]))
     if exclude_official_test_duplicates:
-        tainted = set(groups[is_official].tolist())
-        assignment[~is_official & np.isin(groups, list(tainted))] = EXCLUDED
+        assignment[tainted] = EXCLUDED
 
-    pool = np.flatnonzero(assignment == TRAIN)
+    pool = np.flatnonzero((assignment == TRAIN) & ~tainted)
     members: dict[int, list[int]] = {}
     for index in pool:
         members.setdefault(int(groups[index]), []).append(int(index))

@@ -117,13 +117,15 @@ def build_model(size: int = 128, widths: tuple[int, ...] = (32, 64, 128), dropou
     return keras.Model(inputs, outputs, name="brainmri_cnn")
 
 
-def augment_batch(images, max_degrees: float = 11.0, zoom: float = 0.1,
-                  contrast: float = 0.2, brightness: float = 0.1):
-    """Random left-right flip, rotation, zoom, contrast and brightness for a (N, H, W, 1) batch.
+def augment_batch(images, max_degrees: float = 15.0, zoom: float = 0.15,
+                  contrast: float = 0.25, brightness: float = 0.1, gamma: float = 0.35,
+                  noise: float = 0.02):
+    """Random geometry, intensity and sharpness changes for a (N, H, W, 1) batch in [0, 1].
 
-    Flip, rotation and zoom are one affine resampling per image, which is ~4× faster on two
-    cores than chaining Keras' Random* layers (measured 2300 vs 630 images/s), so augmentation
-    never starves the training step.
+    Flip, rotation and zoom are one affine resampling per image, ~4× faster on two cores than
+    chaining Keras' Random* layers (measured 2300 vs 630 images/s). Gamma, blur/sharpen and
+    noise imitate other scanners and sequences: the first model, trained without them, called
+    sharper, higher-contrast pituitary scans from other sources "no tumor".
     """
     import math
 
@@ -143,13 +145,23 @@ def augment_batch(images, max_degrees: float = 11.0, zoom: float = 0.1,
     b0, b1 = sin * flip, cos
     transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy,
                            tf.zeros([n]), tf.zeros([n])], axis=1)
-    warped = tf.raw_ops.ImageProjectiveTransformV3(
+    x = tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
         interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=0.0)
-    mean = tf.reduce_mean(warped, axis=[1, 2, 3], keepdims=True)
+    # Gamma in [1/(1+g), 1+g]: the same anatomy with another intensity curve.
+    log_gamma = tf.random.uniform([n, 1, 1, 1], -1.0, 1.0) * math.log1p(gamma)
+    x = tf.pow(tf.clip_by_value(x, 1e-6, 1.0), tf.exp(log_gamma))
+    # Unsharp mask with a random signed amount: negative blurs, positive sharpens.
+    kernel = tf.constant([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])[:, :, None, None] / 16.0
+    blurred = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+    amount = tf.random.uniform([n, 1, 1, 1], -0.8, 1.0)
+    x = x + amount * (x - blurred)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
     gain = tf.random.uniform([n, 1, 1, 1], 1.0 - contrast, 1.0 + contrast)
     shift = tf.random.uniform([n, 1, 1, 1], -brightness, brightness)
-    return tf.clip_by_value((warped - mean) * gain + mean + shift, 0.0, 1.0)
+    x = (x - mean) * gain + mean + shift
+    x = x + tf.random.normal(tf.shape(x)) * tf.random.uniform([n, 1, 1, 1], 0.0, noise)
+    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def _datasets(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray,

@@ -120,10 +120,14 @@ def test_no_group_straddles_splits(data, exclude):
     # The official Testing folder never reaches train, val or test.
     official = np.array(sources) == "test"
     assert set(assignment[official].tolist()) <= {OFFICIAL_TEST}
+    tainted = set(groups[official].tolist())
     if exclude:
-        tainted = set(groups[official].tolist())
         trained = set(groups[np.isin(assignment, ["train", "val"])].tolist())
         assert not tainted & trained
+    else:
+        # Copies of official Testing images train; they never sit in val or the leak-free test.
+        held_out = set(groups[np.isin(assignment, ["val", "test"])].tolist())
+        assert not tainted & held_out
 
 
 def test_split_is_reproducible_and_near_target_fractions():
