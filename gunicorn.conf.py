@@ -34,8 +34,11 @@ preload_app = False
 # Worker boot = import TensorFlow + load the .h5 + warm-up; it must fit inside this.
 timeout = 120
 graceful_timeout = 30
-# Recycle workers to cap slow native-memory growth in TensorFlow (tensorflow#33009).
-max_requests = 500
-max_requests_jitter = 50
+# Recycle workers to cap slow native-memory growth in TensorFlow (tensorflow#33009). A worker
+# takes ~20 s to boot (TF import + load + warm-up); with 500 ± 50 both workers reached the limit
+# together under benchmarks/serving.py and the app stalled for ~20 s. A jitter of half the
+# limit spreads the restarts so one worker is almost always up.
+max_requests = 5000
+max_requests_jitter = 2500
 # URLs only; nothing identifying ever goes into a query string.
 accesslog = "-"

@@ -15,9 +15,9 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -124,8 +124,10 @@ def bench_http(model: Path, image: bytes, n: int, clients: int, seconds: float) 
     port = free_port()
     env = {**os.environ, "GUNICORN_BIND": f"127.0.0.1:{port}", "FLASK_BRAINMRI_MODEL_PATH": str(model)}
     started = time.perf_counter()
+    # Logs go to a file: an unread pipe fills up and blocks the workers' log writes.
+    log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--access-logfile", "/dev/null"],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         ready_s = None
         while time.perf_counter() - started < 120:
@@ -171,10 +173,15 @@ def bench_http(model: Path, image: bytes, n: int, clients: int, seconds: float) 
         print(f"  HTTP, {clients} clients for {elapsed:.1f} s: {len(results) / elapsed:.1f} req/s, "
               f"p50 {percentile(ok, 50):.1f} ms  p95 {percentile(ok, 95):.1f} ms, "
               f"errors {len(results) - len(ok)}")
-        print("  peak RSS per worker: " + ", ".join(f"{peak_rss_mb(p):.0f} MiB" for p in workers))
+        # Workers recycle after max_requests (gunicorn.conf.py), so list them again.
+        current = worker_pids(server.pid)
+        recycled = len(set(workers) - set(current))
+        print("  peak RSS per worker: " + ", ".join(f"{peak_rss_mb(p):.0f} MiB" for p in current)
+              + f" ({recycled} worker(s) recycled by max_requests during the run)")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+        log.close()
 
 
 def main() -> None:

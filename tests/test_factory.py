@@ -186,7 +186,9 @@ def test_gunicorn_config(monkeypatch):
     assert conf["workers"] == 2 and conf["threads"] == 2
     assert conf["bind"] == "127.0.0.1:8000"
     assert (conf["timeout"], conf["graceful_timeout"]) == (120, 30)
-    assert (conf["max_requests"], conf["max_requests_jitter"]) == (500, 50)
+    assert (conf["max_requests"], conf["max_requests_jitter"]) == (5000, 2500)
+    # Workers take ~20 s to boot; a wide jitter keeps them from recycling together.
+    assert conf["max_requests_jitter"] >= conf["max_requests"] // 5
     assert os.environ["TF_NUM_INTRAOP_THREADS"] == str(max(1, conf["cores"] // 2))
     assert os.environ["TF_NUM_INTEROP_THREADS"] == "1"
 
