@@ -1,13 +1,21 @@
-"""JSON API: classify one slice, plus liveness and readiness probes (see docs/openapi.yaml)."""
+"""JSON API: classify slices, plus liveness and readiness probes (docs/openapi.yaml)."""
 
 from __future__ import annotations
+
+import base64
+from typing import Any
 
 from flask import Blueprint
 from flask import current_app
 from flask import jsonify
+from flask import request
 from flask.typing import ResponseReturnValue
 
 from . import uploads
+from .errors import UploadError
+from .imaging import ImageError
+from .logs import log_batch
+from .predictor import DISCLAIMER
 from .predictor import EXTENSION_KEY
 
 __all__ = ["bp"]
@@ -21,14 +29,65 @@ def predict() -> ResponseReturnValue:
 
     :raise 400: missing field, empty, non-image or damaged file
     :raise 413: body over MAX_CONTENT_LENGTH, or image over BRAINMRI_MAX_PIXELS
-    :raise 415: extension not allowed, or an image type other than PNG/JPEG
+    :raise 415: extension not allowed, an image type other than PNG/JPEG/DICOM, or a DICOM
+        compression with no decoder installed
+    :raise 422: `not_brain_mri`, the input does not look like a brain MRI slice (no class given)
     :raise 503: the model is not available
+
+    With `explain=true` (form field or query), `explanation` holds the Grad-CAM heatmap of the
+    predicted class as a base64 grey PNG of the model input's shape.
     """
     data = uploads.read_upload()
-    result = uploads.classify(data)
+    result = uploads.classify(data, explain=_wants_explanation())
     body = result.prediction.to_dict()
     body["model"] = uploads.current_predictor().card.summary
+    if result.explanation is not None:
+        from .explain import heatmap_png
+
+        heatmap = result.explanation.heatmap
+        body["explanation"] = {
+            "heatmap_png_base64": base64.b64encode(heatmap_png(heatmap)).decode("ascii"),
+            "shape": list(heatmap.shape),
+            "layer": result.explanation.layer,
+            "label": result.explanation.label,
+        }
     return jsonify(body)
+
+
+def _wants_explanation() -> bool:
+    value = request.form.get("explain", request.args.get("explain", ""))
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@bp.post("/api/v1/predict/batch")
+def predict_batch() -> ResponseReturnValue:
+    """Classify up to BRAINMRI_BATCH_MAX_FILES images sent as repeated multipart field `files`.
+
+    Each result carries the file's position (`index`, from 0) and either the prediction or the
+    `error` that one file got, so one bad file never fails the others; filenames are never
+    echoed. Every file goes through `uploads.classify`, like a single upload (screening,
+    calibration, "uncertain" flag). The disclaimer and the model block are given once.
+
+    :raise 400: no `files` part
+    :raise 413: more files than BRAINMRI_BATCH_MAX_FILES, or body over MAX_CONTENT_LENGTH
+    :raise 503: the model is not available
+    """
+    files = uploads.read_batch(int(current_app.config["BRAINMRI_BATCH_MAX_FILES"]))
+    predictor = uploads.current_predictor()
+    results: list[dict[str, Any]] = []
+    for index, upload in enumerate(files):
+        try:
+            uploads.check_extension(upload.filename)
+            prediction = uploads.classify(upload.read()).prediction
+        except (UploadError, ImageError) as error:  # ImageError includes NotBrainMRI
+            error_body = {"code": error.code, "message": error.message}
+            results.append({"index": index, "error": error_body})
+            continue
+        item = prediction.to_dict()
+        del item["disclaimer"]  # once, at the top level
+        results.append({"index": index, **item})
+    log_batch(len(files), [item["error"]["code"] for item in results if "error" in item])
+    return jsonify(results=results, model=predictor.card.summary, disclaimer=DISCLAIMER)
 
 
 @bp.get("/healthz")

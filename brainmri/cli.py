@@ -143,6 +143,7 @@ def evaluate_command(data: Path, model_path: Path, out: Path, write_metadata: bo
         recall = {c: metrics["per_class"][c]["recall"] for c in CLASSES}
         click.echo(f"{name:>20}: n={metrics['images']:4d} accuracy={metrics['accuracy']:.4f} "
                    f"macro-F1={metrics['macro_f1']:.4f} ECE={metrics['ece']:.4f} recall={recall}")
+    _echo_trust(report.get("trust") or {})
     click.echo(f"Wrote {out / 'metrics.json'} and {len(report['plots'])} plots")
     if write_metadata:
         meta_path = metadata_path_for(model_path)
@@ -156,6 +157,58 @@ def evaluate_command(data: Path, model_path: Path, out: Path, write_metadata: bo
         click.echo(f"Updated {meta_path}")
 
 
+def _echo_trust(trust: dict) -> None:
+    """Print ECE before/after, false refusals and OOD refusals per category."""
+    if not trust:
+        return
+    click.echo(f"Calibration: temperature {trust['temperature']:.4f}, "
+               f"uncertain below {trust['uncertain_below']}")
+    for name, c in trust["calibration"].items():
+        flagged = f" uncertain={c['uncertain_rate']:.4f}" if "uncertain_rate" in c else ""
+        click.echo(f"{name:>20}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} "
+                   f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}{flagged}")
+    for name, r in trust["false_refusal"].items():
+        click.echo(f"{name:>20}: false refusals {r['refused']}/{r['images']} = {r['rate']:.4f} {r['reasons']}")
+    ood = trust["ood"]
+    if "categories" not in ood:
+        click.echo(ood.get("note", ""))
+        return
+    for name, c in ood["categories"].items():
+        extra = f" accuracy of passed={c['accuracy_of_passed']:.3f}" if "accuracy_of_passed" in c else ""
+        click.echo(f"{name:>20}: expect {c['expect']:<6} refused {c['refused']:3d}/{c['images']:3d} "
+                   f"= {c['refusal_rate']:.3f}{extra}")
+    click.echo(f"OOD refusal rate (should-refuse images, n={ood['images_expected_refuse']}): "
+               f"{ood['refusal_rate_expected_refuse']:.4f}; refusal of should-pass MRI variants: "
+               f"{ood['refusal_rate_expected_pass']:.4f}")
+
+
+@cli.command("calibrate", with_appcontext=False)
+@click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_MODEL, show_default=True)
+@click.option("--target-accuracy", default=0.98, show_default=True,
+              help="Accuracy that predictions not flagged 'uncertain' must reach on validation.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def calibrate_command(data: Path, model_path: Path, target_accuracy: float,
+                      cache_dir: Path | None) -> None:
+    """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
+    from . import trust
+
+    bar, update = _with_cache_progress(data, "Loading images")
+    with bar:
+        result = trust.calibrate(model_path, data, cache_dir=cache_dir,
+                                 target_accuracy=target_accuracy, progress=update)
+    c, o = result["calibration"], result["ood"]
+    click.echo(f"Temperature {c['temperature']:.4f} (val NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
+               f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, n={c['images']})")
+    click.echo(f"Uncertain below {c['uncertain_below']:.4f}: val coverage {c['coverage']}, accuracy "
+               f"{c['accuracy_confident']} confident vs {c['accuracy_uncertain']} uncertain "
+               f"(target {c['target_accuracy']})")
+    for name, (low, high) in o["bounds"].items():
+        click.echo(f"  OOD bound {name:>18}: [{low}, {high}]")
+    click.echo(f"Val refusal rate {o['val_refusal_rate']:.4f}; updated {result['metadata']}")
+
+
 @cli.command("predict", with_appcontext=False)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -164,7 +217,7 @@ def evaluate_command(data: Path, model_path: Path, out: Path, write_metadata: bo
               default=DEFAULT_MODEL, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path, batch_size: int) -> None:
-    """Classify image files and folders (recursive) into a CSV; unreadable files get an error row."""
+    """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV; bad files get an error row."""
     from .dataset import iter_image_files
     from .imaging import ImageError
     from .predictor import Predictor
@@ -184,9 +237,9 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path, b
                 try:
                     arrays.append(predictor.prepare(path.read_bytes()))
                     ready.append(path)
-                except (ImageError, OSError) as exc:
-                    writer.writerow([str(path), "", "", "", "", "", "", "",
-                                     getattr(exc, "message", type(exc).__name__)])
+                except Exception as exc:  # one bad file (ImageError, OSError, …) never ends the run
+                    message = exc.message if isinstance(exc, ImageError) else type(exc).__name__
+                    writer.writerow([str(path), "", "", "", "", "", "", "", message])
                     counts["error"] += 1
             for path, result in zip(ready, predictor.predict_batch(arrays)):
                 writer.writerow([str(path), result.label, f"{result.confidence:.6f}",

@@ -33,7 +33,10 @@ DEFAULTS: dict[str, Any] = {
     # every file larger than that with 413; 256 KiB leaves headroom.
     "MAX_FORM_MEMORY_SIZE": 256 * 1024,
     # The upload form has two parts (token + file); leave headroom, refuse part floods.
+    # The batch endpoint raises its own request's limit to BRAINMRI_BATCH_MAX_FILES + 2.
     "MAX_FORM_PARTS": 10,
+    # Most files POST /api/v1/predict/batch takes in one request (all within MAX_CONTENT_LENGTH).
+    "BRAINMRI_BATCH_MAX_FILES": 16,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",  # set FLASK_SESSION_COOKIE_SECURE=true behind HTTPS
     "BRAINMRI_MODEL_PATH": str(PROJECT_ROOT / "model" / "brainmri_cnn.h5"),

@@ -33,7 +33,7 @@ __all__ = [
     "normalise_class_name",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 
 _CLASS_ALIASES = {
     "glioma": "glioma",

@@ -33,6 +33,8 @@ IMAGE_ERROR_STATUS = {
     "corrupt_image": 400,
     "unsupported_type": 415,
     "image_too_large": 413,
+    "multi_frame": 400,
+    "not_brain_mri": 422,  # decoded fine, but the OOD guard says it is not a brain MRI slice
 }
 
 # Status -> (code, title, message) for HTTP errors raised by Flask/Werkzeug themselves.
@@ -41,7 +43,7 @@ _HTTP_ERRORS = {
     404: ("not_found", "Page not found", "There is nothing at this address."),
     405: ("method_not_allowed", "Method not allowed", "This address does not accept that method."),
     413: ("payload_too_large", "Upload too large", None),  # message names the configured limit
-    415: ("unsupported_media_type", "Unsupported file type", "Upload a PNG or JPEG image."),
+    415: ("unsupported_media_type", "Unsupported file type", "Upload a PNG, JPEG or DICOM image."),
     429: ("too_many_requests", "Too many requests", "Too many requests; wait a moment and retry."),
 }
 
@@ -49,16 +51,18 @@ _TITLES = {
     400: "The upload could not be used",
     413: "Upload too large",
     415: "Unsupported file type",
+    422: "This does not look like a brain MRI",
     500: "Something went wrong",
     503: "The model is not available",
 }
 
 # What the HTML error page suggests doing next.
 _NEXT_STEPS = {
-    400: "Go back to the upload page and choose a PNG or JPEG brain MRI slice.",
+    400: "Go back to the upload page and choose a PNG, JPEG or DICOM brain MRI slice.",
     404: "Go to the upload page to analyse a scan.",
     413: "Go back and choose a smaller image, or export the slice at a lower resolution.",
-    415: "Go back and choose a PNG or JPEG image (.png, .jpg or .jpeg).",
+    415: "Go back and choose a PNG, JPEG or uncompressed DICOM image (.png, .jpg, .jpeg or "
+    ".dcm).",
     500: "Try again in a moment. If it keeps happening, tell the people who run this service "
     "and quote the request id below.",
     503: "The model is still loading or is not installed. Try again in a minute.",
@@ -68,6 +72,10 @@ _NEXT_STEPS = {
 _NEXT_STEPS_BY_CODE = {
     "missing_file": "Go back to the upload page, choose an image, then press Analyse scan.",
     "invalid_form_token": "Go back to the upload page, reload it, and submit the form again.",
+    "not_brain_mri": "Go back and upload a grey-scale MRI slice of the head. Photos, other "
+    "kinds of scan (CT, X-ray), colour images and inverted or cut-out slices are refused.",
+    "multi_frame": "Export the single slice you want analysed from your viewer or PACS, then "
+    "upload that file.",
 }
 
 

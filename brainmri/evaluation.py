@@ -172,10 +172,12 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
         "sets": {},
     }
     curves = {}
-    for eval_set in _eval_sets(data, manifest):
+    eval_sets = _eval_sets(data, manifest)
+    for eval_set in eval_sets:
         if len(eval_set.indices) == 0:
             continue
-        probs = _predict(predictor, data.images[eval_set.indices])
+        # The served (temperature-calibrated) probabilities; `trust` compares with the raw ones.
+        probs = predictor.calibrate(_predict(predictor, data.images[eval_set.indices]))
         metrics = classification_metrics(y[eval_set.indices], probs)
         metrics["description"] = eval_set.description
         report["sets"][eval_set.name] = metrics
@@ -183,5 +185,11 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
     history_path = Path(model_path).with_suffix(".history.json")
     history = json.loads(history_path.read_text()) if history_path.is_file() else None
     report["plots"] = plots.write_all(out_dir, curves, history)
+    from .trust import evaluate_trust
+
+    report["trust"] = evaluate_trust(predictor, data, {s.name: s.indices for s in eval_sets}, out_dir)
+    report["plots"] += [name for name in ("reliability_test_before_calibration.png",
+                                          "reliability_test_after_calibration.png")
+                        if (out_dir / name).is_file()]
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

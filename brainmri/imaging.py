@@ -23,6 +23,7 @@ __all__ = [
     "load_scan",
     "preprocess",
     "sniff_format",
+    "strip_frame",
     "to_uint8",
 ]
 
@@ -38,8 +39,10 @@ PREPROCESSING = {
     "function": "brainmri.imaging.load_scan",
     "version": PREPROCESSING_VERSION,
     "steps": [
-        "decode PNG/JPEG (EXIF orientation applied, 16-bit kept)",
+        "decode PNG/JPEG (EXIF orientation applied, 16-bit kept) or single-frame DICOM "
+        "(modality LUT, first VOI LUT/window, MONOCHROME1 inverted)",
         "convert to one grayscale channel (alpha dropped)",
+        "strip a near-uniform, non-dark frame at least 5% of the side deep (screenshot borders)",
         "crop to the bounding box of the largest component above half the Otsu level (the head), 4% margin",
         "pad to a square with the background value",
         "resize with area interpolation to the model's input size",
@@ -57,14 +60,18 @@ _SIGNATURES = (
     (b"MM\x00*", "tiff"),
     (b"%PDF", "pdf"),
 )
-SUPPORTED_FORMATS = ("png", "jpeg")
+SUPPORTED_FORMATS = ("png", "jpeg", "dicom")
+
+# DICOM Part 10 files: a 128-byte preamble (free content, even a TIFF header), then "DICM".
+_DICOM_MAGIC_OFFSET = 128
 
 
 class ImageError(ValueError):
     """An input that cannot become a model input; `message` is safe to show to a user.
 
     `code` is a stable machine-readable reason (`empty_file`, `not_an_image`,
-    `unsupported_type`, `corrupt_image`, `image_too_large`); `errors.py` maps it to HTTP.
+    `unsupported_type`, `corrupt_image`, `image_too_large`, `multi_frame`); `errors.py` maps
+    it to HTTP.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -81,6 +88,10 @@ class _Dimensions:
 
 def sniff_format(data: bytes) -> str | None:
     """Return the container format named by the magic bytes, or None if unknown."""
+    # Checked first: the standard lets the preamble look like another format (dual-personality
+    # DICOM/TIFF files).
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
     for signature, name in _SIGNATURES:
         if data.startswith(signature):
             return name
@@ -146,7 +157,10 @@ def _is_truncated(data: bytes, fmt: str) -> bool:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode PNG/JPEG bytes into a 2-D float32 grayscale array in the file's own value range.
+    """Decode PNG/JPEG/DICOM bytes into a 2-D float32 grayscale array in the file's value range.
+
+    DICOM goes to `brainmri.dicom.decode_dicom` (modality and VOI LUTs, MONOCHROME1 inverted);
+    nothing but the pixels comes back from it.
 
     Raises:
         ImageError: empty, unknown, unsupported, truncated, corrupt or oversized input.
@@ -156,13 +170,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(
-            "not_an_image", "The file is not an image. Upload a PNG or JPEG brain MRI slice."
+            "not_an_image",
+            "The file is not an image. Upload a PNG, JPEG or DICOM brain MRI slice.",
         )
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(
             "unsupported_type",
-            f"{fmt.upper()} files are not supported. Upload a PNG or JPEG brain MRI slice.",
+            f"{fmt.upper()} files are not supported. Upload a PNG, JPEG or DICOM brain MRI "
+            "slice.",
         )
+    if fmt == "dicom":
+        from .dicom import decode_dicom
+
+        return decode_dicom(data, max_pixels)
     width, height = image_dimensions(data, fmt)
     if width == 0 or height == 0:
         raise ImageError("corrupt_image", "The image header declares zero width or height.")
@@ -174,9 +194,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if _is_truncated(data, fmt):
         raise ImageError("corrupt_image", "The image file is truncated or damaged.")
     # ANYDEPTH keeps 16-bit PNGs; ANYCOLOR keeps gray as gray; both still apply EXIF orientation.
-    image = cv2.imdecode(
-        np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-    )
+    try:
+        image = cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+        )
+    except cv2.error as exc:  # libpng/libjpeg errors that OpenCV raises instead of returning None
+        raise ImageError(
+            "corrupt_image", "The image could not be decoded; it may be damaged."
+        ) from exc
     if image is None or image.size == 0:
         raise ImageError("corrupt_image", "The image could not be decoded; it may be damaged.")
     if image.ndim == 3:
@@ -192,13 +217,56 @@ def to_uint8(gray: np.ndarray) -> np.ndarray:
     return (np.clip((gray - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _frame_depth(
+    lines_min: np.ndarray, lines_max: np.ndarray, floor: float, spread: float
+) -> tuple[int, int]:
+    """How many leading and trailing lines are frame lines (near-uniform and above `floor`)."""
+    is_frame = (lines_min >= floor) & (lines_max - lines_min <= spread)
+    if is_frame.all():
+        return 0, 0  # a uniform image is not a frame around anything
+    lead = int(np.argmin(is_frame))
+    trail = int(np.argmin(is_frame[::-1]))
+    return lead, trail
+
+
+def strip_frame(
+    gray: np.ndarray, level: float = 0.25, tolerance: float = 0.06, min_width: float = 0.05
+) -> np.ndarray:
+    """Remove a wide, near-uniform, non-dark frame around the image (screenshots, films).
+
+    Left in place, such a frame becomes one ring-shaped bright component enclosing the whole
+    image, and the head crop keeps everything. A frame line is a row or column whose values all
+    lie at least `level` of the image's value range above its minimum and span at most
+    `tolerance` of that range (room for JPEG ringing). Dark lines are never removed: black
+    padding is background, and the head crop's margin may use it.
+
+    Only frames at least `min_width` of the image side deep on some edge are removed. The
+    training images include thin white frames (1-21 px, at most 3.1% of the side) that the
+    current model learned with; stripping those would change its inputs without a new
+    preprocessing version. Returns `gray` itself when nothing is removed.
+    """
+    low, high = float(gray.min()), float(gray.max())
+    span = high - low
+    if span <= 0:
+        return gray
+    floor, spread = low + level * span, tolerance * span
+    height, width = gray.shape
+    top, bottom = _frame_depth(gray.min(axis=1), gray.max(axis=1), floor, spread)
+    rows = gray[top : height - bottom]
+    left, right = _frame_depth(rows.min(axis=0), rows.max(axis=0), floor, spread)
+    if max(top, bottom) < min_width * height and max(left, right) < min_width * width:
+        return gray
+    return rows[:, left : rows.shape[1] - right]
+
+
 def crop_to_head(gray: np.ndarray, margin: float = 0.04) -> np.ndarray:
     """Crop to the largest bright connected component and pad it to a square.
 
-    Borders, black padding and small annotations around the head are removed, so slices
-    framed differently look alike to the network. Falls back to the whole image when no
-    plausible head is found (e.g. a uniform image).
+    Frames (`strip_frame`), borders, black padding and small annotations around the head are
+    removed, so slices framed differently look alike to the network. Falls back to the whole
+    image (without its frame) when no plausible head is found (e.g. a uniform image).
     """
+    gray = strip_frame(gray)
     small_side = 256
     scale = min(1.0, small_side / max(gray.shape))
     thumb = gray
@@ -251,7 +319,7 @@ def load_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     """Decode image bytes and prepare them for the network: the shared preprocessing path.
 
     Args:
-        data: the raw file bytes (PNG or JPEG).
+        data: the raw file bytes (PNG, JPEG or DICOM).
         size: the model's square input side in pixels.
         max_pixels: refuse images whose header declares more pixels than this.
 

@@ -20,7 +20,7 @@ from flask import request
 
 from .imaging import sniff_format
 
-__all__ = ["configure_logger", "init_app", "log_prediction", "request_id"]
+__all__ = ["configure_logger", "init_app", "log_batch", "log_prediction", "request_id"]
 
 log = logging.getLogger("brainmri.predict")
 
@@ -58,6 +58,15 @@ def log_prediction(data: bytes, label: str) -> None:
     log.info(
         "prediction request_id=%s bytes=%d type=%s label=%s latency_ms=%.1f",
         request_id(), len(data), sniff_format(data) or "unknown", label, elapsed_ms(),
+    )
+
+
+def log_batch(files: int, error_codes: list[str]) -> None:
+    """One line per batch request: id, file count, how many failed and why (codes only)."""
+    log.info(
+        "batch request_id=%s files=%d errors=%d codes=%s latency_ms=%.1f",
+        request_id(), files, len(error_codes), ",".join(sorted(set(error_codes))) or "-",
+        elapsed_ms(),
     )
 
 

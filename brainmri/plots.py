@@ -8,7 +8,7 @@ import numpy as np
 
 from .modelcard import CLASSES
 
-__all__ = ["write_all"]
+__all__ = ["reliability", "write_all"]
 
 
 def _pyplot():
@@ -117,6 +117,12 @@ def _history(plt, path: Path, history: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def reliability(path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
+    """Write one reliability diagram (accuracy against confidence per bin) to `path`."""
+    plt = _pyplot()
+    _reliability(plt, path, name, y, probs)
 
 
 def write_all(out_dir: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],

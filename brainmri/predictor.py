@@ -11,19 +11,23 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .calibration import apply_temperature
 from .imaging import DEFAULT_MAX_PIXELS
 from .imaging import load_scan
+from .ood import NotBrainMRI
+from .ood import OODGuard
 from .modelcard import CLASSES
 from .modelcard import ModelCard
 from .modelcard import ModelError
 from .modelcard import read_model_card
 
-__all__ = ["DISCLAIMER", "Prediction", "Predictor", "get_predictor", "init_app"]
+__all__ = ["DISCLAIMER", "Explanation", "Prediction", "Predictor", "get_predictor", "init_app"]
 
 DISCLAIMER = (
     "For research and education only. This is not a medical device and not a diagnosis; "
@@ -42,6 +46,8 @@ class Prediction:
     probabilities: dict[str, float]
     tumor_probability: float
     disclaimer: str = DISCLAIMER
+    # Top-class probability below the fitted threshold (set by the web layer, see uploads.py).
+    uncertain: bool = False
 
     @classmethod
     def from_probabilities(cls, probabilities: dict[str, float]) -> Prediction:
@@ -58,6 +64,15 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (the API's body, minus the model block)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A Grad-CAM heatmap of the model input's shape, values in [0, 1], for one class."""
+
+    heatmap: np.ndarray
+    label: str
+    layer: str
 
 
 def configure_tensorflow_threads() -> None:
@@ -78,6 +93,9 @@ class Predictor:
         self.max_pixels = max_pixels
         self._model = None
         self._infer = None
+        self._forward = None
+        self._gradcam = None
+        self.conv_layer: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -144,6 +162,17 @@ class Predictor:
                 reduce_retracing=True,
             )
             infer(np.zeros((1, *expected), np.float32))  # warm-up: trace + allocate
+            # One extra model over the same layers: softmax plus the last conv block, for the
+            # OOD feature distance and Grad-CAM (explain.py), traced and warmed up here too.
+            from . import explain
+
+            conv = explain.find_last_conv_layer(model, self.card.raw.get("last_conv_layer"))
+            if conv is not None:
+                self._forward, self._gradcam = explain.build_functions(model, conv, expected)
+                zeros = np.zeros((1, *expected), np.float32)
+                self._forward(zeros)
+                self._gradcam(zeros, np.zeros(1, np.int32))
+            self.conv_layer = conv
             self._model = model
             self._infer = infer
 
@@ -153,8 +182,25 @@ class Predictor:
         self.load()
         return self._model
 
+    @property
+    def temperature(self) -> float:
+        """Fitted temperature from the metadata ("calibration"), 1.0 before `brainmri calibrate`."""
+        return float((self.card.raw.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def uncertain_below(self) -> float | None:
+        """Fitted "uncertain" threshold on the calibrated top-class probability, if any."""
+        value = (self.card.raw.get("calibration") or {}).get("uncertain_below")
+        return None if value is None else float(value)
+
+    @cached_property
+    def guard(self) -> OODGuard | None:
+        """The out-of-distribution guard fitted by `brainmri calibrate`, None before that."""
+        meta = self.card.raw.get("ood")
+        return OODGuard.from_metadata(meta) if meta else None
+
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Softmax outputs (N, classes) in the model's output order for preprocessed inputs."""
+        """Uncalibrated softmax outputs (N, classes) in the model's output order."""
         self.load()
         batch = np.asarray(images, np.float32)
         if batch.ndim == 3:
@@ -162,12 +208,65 @@ class Predictor:
         with self._lock:  # TF/Keras calls are not guaranteed thread-safe
             return np.asarray(self._infer(batch))
 
+    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Uncalibrated softmax (N, classes) and pooled last-conv features (N, C), one pass."""
+        self.load()
+        batch = np.asarray(images, np.float32)
+        if batch.ndim == 3:
+            batch = batch[None, ...]
+        if self._forward is None:
+            return self.predict_arrays(batch), None
+        with self._lock:
+            probs, features = self._forward(batch)
+        return np.asarray(probs), np.asarray(features)
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Apply the fitted temperature to softmax outputs; rows still sum to 1."""
+        return apply_temperature(probs, self.temperature)
+
     def _to_prediction(self, row: np.ndarray) -> Prediction:
-        return Prediction.from_probabilities(dict(zip(self.labels, row.tolist())))
+        calibrated = self.calibrate(row[None, :])[0]
+        return Prediction.from_probabilities(dict(zip(self.labels, calibrated.tolist())))
 
     def predict(self, image: np.ndarray) -> Prediction:
-        """Classify one preprocessed slice of shape (size, size, 1) scaled to [0, 1]."""
+        """Classify one preprocessed slice of shape (size, size, 1) scaled to [0, 1] (calibrated)."""
         return self._to_prediction(self.predict_arrays(image[None, ...])[0])
+
+    def predict_checked(self, image: np.ndarray, data: bytes | None = None) -> Prediction:
+        """Refuse inputs that are not brain MRI slices, else classify (calibrated), in one pass.
+
+        Args:
+            image: the preprocessed slice, (size, size, 1) in [0, 1].
+            data: the uploaded bytes, for the colour check (None skips it).
+
+        Raises:
+            NotBrainMRI: the fitted guard refuses the input (no class is given).
+        """
+        probs, features = self.forward(image[None, ...])
+        if self.guard is not None:
+            verdict = self.guard.assess(image, data, None if features is None else features[:1])
+            if verdict.refused:
+                raise NotBrainMRI(verdict)
+        return self._to_prediction(probs[0])
+
+    def explain(self, image: np.ndarray, label: str | None = None) -> Explanation:
+        """Grad-CAM heatmap (size, size) in [0, 1] for `label` (default: the top class).
+
+        Raises:
+            ModelError: the model has no convolutional layer to explain.
+        """
+        self.load()
+        if self._gradcam is None:
+            raise ModelError(f"{self.card.model_path.name} has no convolutional layer for Grad-CAM.")
+        batch = np.asarray(image, np.float32)[None, ...]
+        with self._lock:
+            if label is None:
+                probs, _ = self._forward(batch)
+                index = int(np.argmax(np.asarray(probs)[0]))
+            else:
+                index = self.labels.index(label)
+            cam, _ = self._gradcam(batch, np.array([index], np.int32))
+        return Explanation(np.asarray(cam)[0], self.labels[index], self.conv_layer)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Classify several preprocessed slices in one forward pass."""

@@ -10,31 +10,40 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 from flask import current_app
 from flask import request
+from werkzeug.datastructures import FileStorage
 
 from .errors import UploadError
 from .logs import log_prediction
 from .modelcard import ModelError
 from .predictor import EXTENSION_KEY
+from .predictor import Explanation
 from .predictor import Prediction
 from .predictor import Predictor
 
 __all__ = [
     "ACCEPT",
     "ALLOWED_EXTENSIONS",
+    "BATCH_FIELD",
     "FIELD",
     "Classified",
+    "check_extension",
     "classify",
     "current_predictor",
+    "read_batch",
     "read_upload",
+    "uncertain_below",
 ]
 
 FIELD = "file"
-ALLOWED_EXTENSIONS = (".png", ".jpg", ".jpeg")
-ACCEPT = ",".join((*ALLOWED_EXTENSIONS, "image/png", "image/jpeg"))  # <input accept=...>
+BATCH_FIELD = "files"
+ALLOWED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
+# <input accept=...>; browsers report .dcm files as application/dicom (or with no type at all).
+ACCEPT = ",".join((*ALLOWED_EXTENSIONS, "image/png", "image/jpeg", "application/dicom"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Classified:
 
     prediction: Prediction
     model_input: np.ndarray
+    explanation: Explanation | None = None
 
 
 def read_upload(field: str = FIELD) -> bytes:
@@ -63,14 +73,52 @@ def read_upload(field: str = FIELD) -> bytes:
             f"named '{field}'.",
             400,
         )
-    extension = os.path.splitext(upload.filename or "")[1].lower()
+    check_extension(upload.filename)
+    return data
+
+
+def check_extension(filename: str | None) -> None:
+    """Refuse a filename whose extension is not allowed; no extension is fine (content decides).
+
+    Raises:
+        UploadError: 415 `unsupported_type`.
+    """
+    extension = os.path.splitext(filename or "")[1].lower()
     if extension and extension not in ALLOWED_EXTENSIONS:
         raise UploadError(
             "unsupported_type",
-            "Only PNG and JPEG images (.png, .jpg, .jpeg) are accepted.",
+            "Only PNG, JPEG and DICOM files (.png, .jpg, .jpeg, .dcm) are accepted.",
             415,
         )
-    return data
+
+
+def read_batch(max_files: int, field: str = BATCH_FIELD) -> list[FileStorage]:
+    """Return the file parts of a batch upload, in the order they were sent (not yet read).
+
+    The request's form-part limit is raised to `max_files` + 2 for this request only, so the
+    app-wide MAX_FORM_PARTS can stay small for the single-file endpoints.
+
+    Raises:
+        UploadError: no `field` part (400 `missing_file`) or more than `max_files`
+            (413 `too_many_files`).
+        RequestEntityTooLarge: body over MAX_CONTENT_LENGTH or a part flood (413).
+    """
+    request.max_form_parts = max_files + 2
+    uploads = request.files.getlist(field)
+    if not uploads:
+        raise UploadError(
+            "missing_file",
+            f"No file was uploaded. Send the images as multipart/form-data, each in a part "
+            f"named '{field}'.",
+            400,
+        )
+    if len(uploads) > max_files:
+        raise UploadError(
+            "too_many_files",
+            f"At most {max_files} files can be sent in one batch request; split the batch.",
+            413,
+        )
+    return uploads
 
 
 def current_predictor() -> Predictor:
@@ -81,15 +129,27 @@ def current_predictor() -> Predictor:
     return predictor
 
 
-def classify(data: bytes) -> Classified:
-    """Preprocess and classify uploaded bytes, loading the model on first use (dev server).
+def uncertain_below(predictor=None) -> float:
+    """The fitted "uncertain" threshold from the model metadata, else BRAINMRI_UNCERTAIN_BELOW."""
+    fitted = getattr(predictor or current_predictor(), "uncertain_below", None)
+    return float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"] if fitted is None else fitted)
+
+
+def classify(data: bytes, explain: bool = False) -> Classified:
+    """Preprocess, screen (is it a brain MRI?) and classify uploaded bytes, calibrated.
+
+    The model loads on first use (dev server). With `explain`, a Grad-CAM heatmap of the
+    predicted class comes along.
 
     Raises:
-        ImageError: the bytes are not a usable image (mapped to 400/413/415 by errors.py).
+        ImageError: the bytes are not a usable image (mapped to 400/413/415 by errors.py), or
+            `NotBrainMRI` (422): the out-of-distribution guard refused it, so no class is given.
         ModelError: the model cannot be loaded (503).
     """
     predictor = current_predictor()
     model_input = predictor.prepare(data)
-    prediction = predictor.predict(model_input)
+    prediction = predictor.predict_checked(model_input, data)
+    prediction = replace(prediction, uncertain=prediction.confidence < uncertain_below(predictor))
+    explanation = predictor.explain(model_input, prediction.label) if explain else None
     log_prediction(data, prediction.label)
-    return Classified(prediction, model_input)
+    return Classified(prediction, model_input, explanation)

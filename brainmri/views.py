@@ -17,7 +17,10 @@ from . import uploads
 from .descriptions import CLASS_DESCRIPTIONS
 from .descriptions import CLASS_NAMES
 from .errors import size_limit_text
+from .explain import legend_data_uri
+from .explain import overlay_data_uri
 from .modelcard import CLASSES
+from .modelcard import ModelError
 from .predictor import DISCLAIMER
 
 __all__ = ["CLASS_NAMES", "bp", "is_uncertain", "rounded_percentages"]
@@ -52,8 +55,20 @@ def rounded_percentages(probabilities: Mapping[str, float], decimals: int = 1) -
 
 
 def is_uncertain(confidence: float) -> bool:
-    """True when the top class is too weak to present as a finding (BRAINMRI_UNCERTAIN_BELOW)."""
-    return confidence < float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"])
+    """True when the top class is too weak to present as a finding.
+
+    The threshold is the one fitted on validation data and stored in the model metadata
+    (`brainmri calibrate`), else BRAINMRI_UNCERTAIN_BELOW.
+    """
+    return confidence < uploads.uncertain_below()
+
+
+def _uncertain_below_or_default() -> float:
+    """The upload page's threshold: the model's fitted one when a model is configured."""
+    try:
+        return uploads.uncertain_below()
+    except ModelError:
+        return float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"])
 
 
 def _upload_limits() -> dict[str, str]:
@@ -89,7 +104,7 @@ def index() -> ResponseReturnValue:
     return render_template(
         "upload.html",
         classes=CLASSES,
-        uncertain_below=float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"]),
+        uncertain_below=_uncertain_below_or_default(),
         **_upload_limits(),
     )
 
@@ -97,7 +112,7 @@ def index() -> ResponseReturnValue:
 @bp.post("/predict")
 def predict() -> ResponseReturnValue:
     """Classify the uploaded slice and show every class's confidence with the disclaimer."""
-    result = uploads.classify(uploads.read_upload())
+    result = uploads.classify(uploads.read_upload(), explain=True)
     prediction = result.prediction
     percentages = rounded_percentages(prediction.probabilities)
     # Only the model's input is shown back, re-encoded in memory; the upload itself is dropped.
@@ -106,10 +121,13 @@ def predict() -> ResponseReturnValue:
         prediction=prediction,
         percentages=percentages,
         tumor_percentage=round(100 - percentages["no_tumor"], 1),
-        uncertain=is_uncertain(prediction.confidence),
-        uncertain_below=float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"]),
+        uncertain=prediction.uncertain,
+        uncertain_below=uploads.uncertain_below(),
         description=CLASS_DESCRIPTIONS.get(prediction.label, ""),
         preview=preview_data_uri(result.model_input),
+        heatmap=overlay_data_uri(result.explanation.heatmap) if result.explanation else None,
+        heatmap_legend=legend_data_uri() if result.explanation else None,
+        heatmap_layer=result.explanation.layer if result.explanation else None,
         input_size=result.model_input.shape[0],
         model=uploads.current_predictor().card.summary,
     )

@@ -21,6 +21,7 @@ from brainmri import create_app
 from brainmri.imaging import load_scan
 from brainmri.modelcard import CLASSES
 from brainmri.predictor import EXTENSION_KEY
+from brainmri.predictor import Explanation
 from brainmri.predictor import Prediction
 
 FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}
@@ -82,9 +83,34 @@ class FakePredictor:
         self.calls += 1
         return Prediction.from_probabilities(self.probabilities)
 
+    def predict_batch(self, images) -> list[Prediction]:
+        """Fixed probabilities for each correctly shaped input."""
+        return [self.predict(image) for image in images]
+
     def predict_bytes(self, data: bytes) -> Prediction:
         """Decode, preprocess and classify."""
         return self.predict(self.prepare(data))
+
+    # The trust layer (issue 5): no fitted threshold unless a test sets one; the guard refuses
+    # only when a test sets `refuse` to a Verdict-like reason tuple.
+    uncertain_below = None
+    refuse: tuple[str, ...] = ()
+
+    def predict_checked(self, image: np.ndarray, data: bytes | None = None) -> Prediction:
+        """Like predict, but refuse with NotBrainMRI when `refuse` names reasons."""
+        from brainmri.ood import NotBrainMRI
+        from brainmri.ood import Verdict
+
+        if self.refuse:
+            raise NotBrainMRI(Verdict(True, tuple(self.refuse), {}))
+        return self.predict(image)
+
+    def explain(self, image: np.ndarray, label: str | None = None) -> Explanation:
+        """A fixed heatmap of the input's shape: a bright square in the middle."""
+        heatmap = np.zeros(image.shape[:2], np.float32)
+        side = image.shape[0]
+        heatmap[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1.0
+        return Explanation(heatmap, label or max(self.probabilities, key=self.probabilities.get), "last_conv")
 
 
 @pytest.fixture
@@ -177,6 +203,62 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
         + png_chunk(b"IEND", b"")
     )
+
+
+# Tag values written into every test DICOM; none may ever appear in a response, a log or a CSV.
+PATIENT_TAGS = {
+    "PatientName": "Doe^Jane^Q",
+    "PatientID": "MRN-98765",
+    "PatientBirthDate": "19700101",
+    "InstitutionName": "St Example Hospital",
+    "AccessionNumber": "ACC4242",
+    "StudyDescription": "BRAIN W WO CONTRAST",
+}
+PATIENT_STRINGS = ("Doe", "Jane", "MRN-98765", "19700101", "St Example", "ACC4242", "BRAIN W WO")
+
+
+def dicom_bytes(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    frames: int = 1,
+    transfer_syntax: str | None = None,
+    **attributes,
+) -> bytes:
+    """A DICOM Part 10 MR file (preamble + DICM) holding `pixels`, built in memory with pydicom.
+
+    `pixels` is (rows, columns) or (rows, columns, 3); `frames` > 1 repeats it as a multi-frame
+    object. Extra keyword arguments become attributes (RescaleSlope=..., WindowCenter=...).
+    Every file carries PATIENT_TAGS.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import MRImageStorage
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    for keyword, value in PATIENT_TAGS.items():
+        setattr(ds, keyword, value)
+    data = np.stack([pixels] * frames) if frames > 1 else pixels
+    ds.set_pixel_data(data, photometric, int(pixels.dtype.itemsize * 8))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    if transfer_syntax is not None:
+        from pydicom.encaps import encapsulate
+
+        meta.TransferSyntaxUID = transfer_syntax
+        ds.PixelData = encapsulate([b"\xff\xf7 not decodable here"])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 # Debian's `chromium` package; Playwright drives it and never downloads a browser of its own.

@@ -55,7 +55,9 @@ def test_predict_png(client, png_bytes, predictor):
     body = response.get_json()
     assert set(body) == {
         "label", "confidence", "probabilities", "tumor_probability", "model", "disclaimer",
+        "uncertain",
     }
+    assert body["uncertain"] is False  # 0.625 is above the configured 0.6
     assert body["label"] == "glioma"
     assert body["confidence"] == pytest.approx(0.625)
     assert list(body["probabilities"]) == sorted(CLASSES)  # JSON keys; every class present

@@ -239,8 +239,8 @@ def test_non_image_shows_error_page(tab):
 @pytest.mark.parametrize(
     ("name", "mime", "size", "message"),
     [
-        ("notes.txt", "text/plain", 100, "Only PNG and JPEG"),
-        ("scan.gif", "image/gif", 100, "Only PNG and JPEG"),
+        ("notes.txt", "text/plain", 100, "Only PNG, JPEG and DICOM"),
+        ("scan.gif", "image/gif", 100, "Only PNG, JPEG and DICOM"),
         ("scan.png", "image/png", MAX_BYTES + 200_000, "larger than 1 MB"),
     ],
 )

@@ -50,10 +50,12 @@
   function check(file) {
     var ext = extensionOf(file.name);
     if (ext && extensions.indexOf(ext) === -1) {
-      return "Only PNG and JPEG images (" + extensions.join(", ") + ") are accepted.";
+      return "Only PNG, JPEG and DICOM files (" + extensions.join(", ") + ") are accepted.";
     }
-    if (file.type && mimeTypes.indexOf(file.type) === -1) {
-      return "This file is not a PNG or JPEG image.";
+    // Systems disagree on a type for .dcm (application/dicom, octet-stream or none); the
+    // server checks the content anyway.
+    if (file.type && ext !== ".dcm" && mimeTypes.indexOf(file.type) === -1) {
+      return "This file is not a PNG, JPEG or DICOM image.";
     }
     if (file.size === 0) {
       return "The file is empty.";
@@ -91,7 +93,9 @@
     fileName.hidden = false;
     dropZone.classList.add("has-file");
     dropTitle.textContent = "Choose another image";
-    if (window.URL && URL.createObjectURL) {
+    // Browsers cannot draw DICOM; the result page shows what the model saw.
+    var isDicom = extensionOf(file.name) === ".dcm" || file.type === "application/dicom";
+    if (!isDicom && window.URL && URL.createObjectURL) {
       previewUrl = URL.createObjectURL(file);
       preview.src = previewUrl;
       preview.hidden = false;

@@ -1,0 +1,148 @@
+"""The trust layer without TensorFlow: calibration maths, the OOD guard, and how page and API show it."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import cv2
+import numpy as np
+import pytest
+
+from brainmri import calibration
+from brainmri import ood
+from brainmri import ood_sets
+from brainmri.imaging import load_scan
+
+from conftest import encode
+from conftest import synthetic_slice
+
+
+def test_calibrated_probabilities_sum_to_one_and_keep_the_ranking():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.3, size=200)
+    for temperature in (0.5, 1.0, 1.7, 5.0):
+        scaled = calibration.apply_temperature(probs, temperature)
+        assert np.allclose(scaled.sum(axis=1), 1.0)
+        assert (scaled.argmax(1) == probs.argmax(1)).all()
+    # A higher temperature makes every answer less confident.
+    assert (calibration.apply_temperature(probs, 2.0).max(1) <= probs.max(1) + 1e-12).all()
+
+
+def test_fit_temperature_recovers_an_overconfident_model():
+    """Labels drawn from softmax(z); the model reports softmax(3 z): the fit finds T ≈ 3."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, (4000, 4))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(4, p=row) for row in true])
+    reported = calibration.apply_temperature(true, 1 / 3)
+    temperature = calibration.fit_temperature(reported, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    after = calibration.apply_temperature(reported, temperature)
+    assert calibration.negative_log_likelihood(after, labels) < calibration.negative_log_likelihood(reported, labels)
+
+
+def test_uncertain_threshold_reaches_the_target_accuracy():
+    confidence = np.linspace(0.3, 1.0, 100)
+    correct = confidence > 0.6  # everything under 0.6 is wrong
+    chosen = calibration.choose_uncertain_threshold(confidence, correct, 0.95)
+    assert 0.55 < chosen["uncertain_below"] <= 0.61
+    assert chosen["accuracy_confident"] >= 0.95
+
+
+def _mri_like(seed: int) -> np.ndarray:
+    """A model input that looks like a head: a textured ellipse on black."""
+    return load_scan(encode(synthetic_slice(160, seed)), 64)
+
+
+def _fitted_guard() -> ood.OODGuard:
+    inputs = [_mri_like(seed) for seed in range(40)]
+    features = [ood.image_features(x, encode(synthetic_slice(160, seed))) for seed, x in enumerate(inputs)]
+    table = {name: np.array([f[name] for f in features]) for name in features[0]}
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(80, 6))
+    return ood.fit_guard(table, train, np.repeat(np.arange(4), 20), rng.normal(size=(40, 6)))
+
+
+@pytest.mark.parametrize("category", ood_sets.SYNTHETIC_CATEGORIES)
+def test_guard_fitted_on_slices_refuses_every_synthetic_category(category):
+    guard = _fitted_guard()
+    images = [image for image in ood_sets.synthetic_images() if image.category == category]
+    assert images
+    for image in images:
+        verdict = guard.assess(load_scan(image.data, 64), image.data, None)
+        assert verdict.refused, (image.name, verdict.scores)
+
+
+def test_guard_passes_new_slices_and_round_trips_through_metadata():
+    guard = ood.OODGuard.from_metadata(_fitted_guard().to_metadata())
+    for seed in range(100, 110):
+        data = encode(synthetic_slice(160, seed))
+        assert not guard.assess(load_scan(data, 64), data, None).refused
+
+
+def test_colour_is_measured_on_the_upload_not_the_grey_input():
+    grey = encode(cv2.cvtColor(synthetic_slice(), cv2.COLOR_GRAY2BGR), ".jpg")
+    colour = encode(cv2.applyColorMap(synthetic_slice(), cv2.COLORMAP_JET), ".jpg")
+    assert ood.colourfulness(grey) < 0.02 < ood.colourfulness(colour)
+    assert ood.colourfulness(b"\x00" * 200) == 0.0
+
+
+def test_api_refuses_what_the_guard_refuses(client, predictor, png_bytes):
+    predictor.refuse = ("colourfulness",)
+    response = client.post("/api/v1/predict", data={"file": (io.BytesIO(png_bytes), "cat.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["error"]["code"] == "not_brain_mri"
+    assert "colour" in body["error"]["message"]
+    assert "label" not in body and "probabilities" not in body
+
+
+def test_page_refuses_what_the_guard_refuses(app, pages, predictor, png_bytes):
+    app.config["BRAINMRI_CSRF_ENABLED"] = False
+    predictor.refuse = ("feature_distance",)
+    response = pages.upload(png_bytes)
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert "does not look like a brain MRI" in html
+    assert 'data-class="glioma"' not in html
+
+
+def test_api_explain_returns_a_heatmap_png_of_the_input_shape(client, predictor, png_bytes):
+    response = client.post("/api/v1/predict?explain=true",
+                           data={"file": (io.BytesIO(png_bytes), "scan.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 200
+    explanation = response.get_json()["explanation"]
+    assert explanation["shape"] == [predictor.input_size, predictor.input_size]
+    assert explanation["layer"] == "last_conv"
+    png = base64.b64decode(explanation["heatmap_png_base64"])
+    heatmap = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert heatmap.shape == tuple(explanation["shape"]) and heatmap.max() == 255
+    # Form field works too; without it there is no explanation.
+    form = client.post("/api/v1/predict", data={"file": (io.BytesIO(png_bytes), "s.png"), "explain": "true"},
+                       content_type="multipart/form-data")
+    assert "explanation" in form.get_json()
+    plain = client.post("/api/v1/predict", data={"file": (io.BytesIO(png_bytes), "s.png")},
+                        content_type="multipart/form-data")
+    assert "explanation" not in plain.get_json()
+
+
+def test_result_page_overlays_the_heatmap_with_toggle_and_legend(app, pages, png_bytes):
+    app.config["BRAINMRI_CSRF_ENABLED"] = False
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert 'id="heatmap-toggle"' in html and 'type="checkbox"' in html
+    assert 'id="scan-heatmap"' in html and 'src="data:image/png;base64,' in html
+    assert 'id="heatmap-legend"' in html
+    assert "<script>" not in html and "onclick" not in html  # CSP: no inline script
+
+
+def test_fitted_uncertain_threshold_from_metadata_wins_over_config(app, pages, client, predictor, png_bytes):
+    app.config["BRAINMRI_CSRF_ENABLED"] = False
+    predictor.uncertain_below = 0.7  # the fake's top class has 0.625
+    body = client.post("/api/v1/predict", data={"file": (io.BytesIO(png_bytes), "s.png")},
+                       content_type="multipart/form-data").get_json()
+    assert body["uncertain"] is True
+    html = pages.upload(png_bytes).get_data(as_text=True)
+    assert 'data-uncertain="true"' in html and "No class reached 70%" in html
