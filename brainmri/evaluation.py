@@ -88,7 +88,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         _, _, auc = roc_curve(y_true == i, probs[:, i])
-        per_class[name] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
+        # Recall is undefined for a class absent from the set: None, not a misleading 0.
+        per_class[name] = {"precision": round(float(precision), 4),
+                           "recall": round(float(recall), 4) if actual else None,
                            "f1": round(float(f1), 4), "support": int(actual),
                            "auc": None if np.isnan(auc) else round(auc, 4)}
         if actual:
