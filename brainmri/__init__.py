@@ -49,9 +49,11 @@ def register_extensions(app: Flask) -> None:
     """Request logging, security, and the (not yet loaded) predictor."""
     from . import logs
     from . import predictor
+    from . import ratelimit
     from . import security
 
     logs.init_app(app)  # first, so the request id exists for every later hook
+    ratelimit.init_app(app)  # before security: a refused client costs no form parsing
     security.init_app(app)
     # Cheap: validates the metadata and sha256 without importing TensorFlow. The model itself
     # loads in main.py after gunicorn forks, or on the first prediction under `flask run`.

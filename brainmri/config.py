@@ -53,6 +53,17 @@ DEFAULTS: dict[str, Any] = {
     # are usually over-confident, so the real error rate there is higher still. 0.6 errs on the
     # side of saying "uncertain". Provisional: a later issue calibrates it on validation data.
     "BRAINMRI_UNCERTAIN_BELOW": 0.6,
+    # Predictions per client address and worker (ratelimit.py): a token bucket refilling at this
+    # rate ("N/second|minute|hour", or an int per minute; null or 0 turns it off) and holding
+    # BURST tokens. A person uploading slices by hand or a script that waits for each answer
+    # stays far below one a second; a client looping as fast as it can is cut to the rate.
+    "BRAINMRI_RATE_LIMIT": "60/minute",
+    "BRAINMRI_RATE_LIMIT_BURST": 30,
+    # Clients remembered per worker; idle ones are dropped first (bounded memory).
+    "BRAINMRI_RATE_LIMIT_MAX_CLIENTS": 10_000,
+    # Reverse proxies in front of the app that set X-Forwarded-For (werkzeug ProxyFix); 0 = none,
+    # so request.remote_addr is the peer. Set it behind nginx, or every user shares one bucket.
+    "BRAINMRI_TRUSTED_PROXIES": 0,
 }
 
 

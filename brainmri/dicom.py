@@ -162,7 +162,8 @@ def decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Exception as exc:  # short pixel data, bad bit depths, decoder failures
         raise _damaged() from exc
-    values = np.asarray(values, np.float32)
-    if not np.isfinite(values).all():
+    values = np.asarray(values, np.float64)
+    # A slope or intercept near 1e38 gives values float32 cannot hold (inf after the cast).
+    if not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float32).max:
         raise _damaged()
-    return np.ascontiguousarray(values)
+    return np.ascontiguousarray(values, dtype=np.float32)

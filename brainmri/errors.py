@@ -44,7 +44,7 @@ _HTTP_ERRORS = {
     405: ("method_not_allowed", "Method not allowed", "This address does not accept that method."),
     413: ("payload_too_large", "Upload too large", None),  # message names the configured limit
     415: ("unsupported_media_type", "Unsupported file type", "Upload a PNG, JPEG or DICOM image."),
-    429: ("too_many_requests", "Too many requests", "Too many requests; wait a moment and retry."),
+    429: ("rate_limited", "Too many requests", "Too many requests from this address."),
 }
 
 _TITLES = {
@@ -63,6 +63,7 @@ _NEXT_STEPS = {
     413: "Go back and choose a smaller image, or export the slice at a lower resolution.",
     415: "Go back and choose a PNG, JPEG or uncompressed DICOM image (.png, .jpg, .jpeg or "
     ".dcm).",
+    429: "Wait a little, then go back to the upload page and try again.",
     500: "Try again in a moment. If it keeps happening, tell the people who run this service "
     "and quote the request id below.",
     503: "The model is still loading or is not installed. Try again in a minute.",
@@ -178,6 +179,11 @@ def handle_http_exception(error: HTTPException) -> ResponseReturnValue:
     headers = {}
     if status == 405 and getattr(error, "valid_methods", None):
         headers["Allow"] = ", ".join(error.valid_methods)
+    retry_after = getattr(error, "retry_after", None)
+    if status == 429 and isinstance(retry_after, int):
+        # ratelimit.py computes it from the client's bucket; the message repeats it for people.
+        headers["Retry-After"] = str(retry_after)
+        message = f"{message} Retry in {retry_after} s."
     if status >= 500:
         log.error("http error request_id=%s status=%d", request_id(), status)
     else:

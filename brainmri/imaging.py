@@ -213,7 +213,8 @@ def to_uint8(gray: np.ndarray) -> np.ndarray:
     """Map any-range grayscale to uint8 using its 0.5/99.5 percentiles (robust to outliers)."""
     low, high = np.percentile(gray, (0.5, 99.5))
     if high <= low:
-        high = low + 1.0
+        # Relative above 2**20: near 1e38 (a DICOM rescale) low + 1 == low, and 0 / 0 is NaN.
+        high = low + max(1.0, abs(low) * 2.0**-20)
     return (np.clip((gray - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

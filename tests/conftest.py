@@ -122,7 +122,13 @@ def predictor() -> FakePredictor:
 @pytest.fixture
 def app(predictor):
     """The app configured for tests, with the fake predictor installed."""
-    app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "BRAINMRI_SKIP_MODEL": True})
+    # Rate limiting off: tests post many uploads from one address; test_ratelimit turns it on.
+    app = create_app({
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "BRAINMRI_SKIP_MODEL": True,
+        "BRAINMRI_RATE_LIMIT": None,
+    })
     app.extensions[EXTENSION_KEY] = predictor
     return app
 
