@@ -16,12 +16,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import default_image  # noqa: E402
 from brainmri.config import DEFAULTS  # noqa: E402
+from brainmri.registry import default_model_path  # noqa: E402
 
 
 def main() -> None:
     """Time predict_checked (forward + guard) and explain (Grad-CAM) on one image."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=Path(DEFAULTS["BRAINMRI_MODEL_PATH"]))
+    parser.add_argument("--model", type=Path, default=default_model_path(Path(DEFAULTS["BRAINMRI_MODEL_DIR"])))
     parser.add_argument("-n", type=int, default=50)
     args = parser.parse_args()
     from brainmri.explain import overlay_data_uri

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from brainmri.config import DEFAULTS  # noqa: E402
+from brainmri.registry import default_model_path  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -187,7 +188,7 @@ def bench_http(model: Path, image: bytes, n: int, clients: int, seconds: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(DEFAULTS["BRAINMRI_MODEL_PATH"]))
+    parser.add_argument("--model", type=Path, default=default_model_path(Path(DEFAULTS["BRAINMRI_MODEL_DIR"])))
     parser.add_argument("--image", type=Path, help="image to send (default: a real MRI if present)")
     parser.add_argument("-n", type=int, default=200, help="sequential requests per measurement")
     parser.add_argument("--clients", type=int, default=4)

@@ -17,6 +17,7 @@ from .imaging import ImageError
 from .logs import log_batch
 from .predictor import DISCLAIMER
 from .predictor import EXTENSION_KEY
+from .registry import REGISTRY_KEY
 
 __all__ = ["bp"]
 
@@ -27,20 +28,21 @@ bp = Blueprint("api", __name__)
 def predict() -> ResponseReturnValue:
     """Classify the image in multipart field `file`; every class's probability and the disclaimer.
 
-    :raise 400: missing field, empty, non-image or damaged file
+    :raise 400: missing field, empty, non-image or damaged file, or `unknown_model`
     :raise 413: body over MAX_CONTENT_LENGTH, or image over BRAINMRI_MAX_PIXELS
     :raise 415: extension not allowed, an image type other than PNG/JPEG/DICOM, or a DICOM
         compression with no decoder installed
     :raise 422: `not_brain_mri`, the input does not look like a brain MRI slice (no class given)
     :raise 503: the model is not available
 
-    With `explain=true` (form field or query), `explanation` holds the Grad-CAM heatmap of the
+    `model` (form field or query) picks one of the served models (GET /api/v1/models); the
+    default is the best on the leakage-free test split. With `explain=true`, `explanation` holds the Grad-CAM heatmap of the
     predicted class as a base64 grey PNG of the model input's shape.
     """
     data = uploads.read_upload()
-    result = uploads.classify(data, explain=_wants_explanation())
+    result = uploads.classify(data, explain=_wants_explanation(), model=uploads.requested_model())
     body = result.prediction.to_dict()
-    body["model"] = uploads.current_predictor().card.summary
+    body["model"] = result.model
     if result.explanation is not None:
         from .explain import heatmap_png
 
@@ -68,17 +70,18 @@ def predict_batch() -> ResponseReturnValue:
     echoed. Every file goes through `uploads.classify`, like a single upload (screening,
     calibration, "uncertain" flag). The disclaimer and the model block are given once.
 
-    :raise 400: no `files` part
+    :raise 400: no `files` part, or `unknown_model`
     :raise 413: more files than BRAINMRI_BATCH_MAX_FILES, or body over MAX_CONTENT_LENGTH
     :raise 503: the model is not available
     """
     files = uploads.read_batch(int(current_app.config["BRAINMRI_BATCH_MAX_FILES"]))
-    predictor = uploads.current_predictor()
+    model = uploads.requested_model()
+    predictor = uploads.current_predictor(model)  # an unknown name fails the whole batch
     results: list[dict[str, Any]] = []
     for index, upload in enumerate(files):
         try:
             uploads.check_extension(upload.filename)
-            prediction = uploads.classify(upload.read()).prediction
+            prediction = uploads.classify(upload.read(), model=model).prediction
         except (UploadError, ImageError) as error:  # ImageError includes NotBrainMRI
             error_body = {"code": error.code, "message": error.message}
             results.append({"index": index, "error": error_body})
@@ -96,10 +99,41 @@ def healthz() -> ResponseReturnValue:
     return jsonify(status="ok")
 
 
+@bp.get("/api/v1/models")
+def models() -> ResponseReturnValue:
+    """The served models, the default first, with their leakage-free and official figures."""
+    return jsonify(default=uploads.current_predictor().card.name,
+                   models=[describe_model(p) for p in _served_predictors()])
+
+
+def _served_predictors() -> list:
+    registry = current_app.extensions.get(REGISTRY_KEY)
+    if registry is not None:
+        return [registry.get(name) for name in registry]
+    return [uploads.current_predictor()]
+
+
+def describe_model(predictor) -> dict[str, Any]:
+    """A model's identity and headline figures from its metadata (no TensorFlow)."""
+    raw = predictor.card.raw
+    evaluation = raw.get("evaluation") or {}
+    return {
+        **predictor.card.summary,
+        "arch": raw.get("arch", "cnn"),
+        "architecture": raw.get("architecture", ""),
+        "parameters": raw.get("parameters"),
+        "input_size": predictor.input_size,
+        "leakage_free_test": evaluation.get("test"),
+        "official_test": evaluation.get("official_test"),
+        "ready": predictor.ready,
+    }
+
+
 @bp.get("/readyz")
 def readyz() -> ResponseReturnValue:
-    """Readiness: 200 once this process has loaded and warmed up the model, 503 before."""
-    predictor = current_app.extensions.get(EXTENSION_KEY)
-    if predictor is None or not predictor.ready:
+    """Readiness: 200 once this process has loaded and warmed up every served model, 503 before."""
+    predictors = current_app.extensions.get(EXTENSION_KEY) and _served_predictors()
+    if not predictors or not all(predictor.ready for predictor in predictors):
         return jsonify(status="not_ready"), 503, {"Retry-After": "5"}
-    return jsonify(status="ready", model=predictor.card.summary)
+    return jsonify(status="ready", model=predictors[0].card.summary,
+                   models=[predictor.card.name for predictor in predictors])

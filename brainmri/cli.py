@@ -1,4 +1,4 @@
-"""The `brainmri` command: train, evaluate, predict, audit, plus Flask's run/routes/shell.
+"""The `brainmri` command: train, evaluate, compare, calibrate, predict, audit; Flask's run/routes.
 
 TensorFlow is imported inside the commands that need it, so `brainmri --help` and `audit`
 stay fast.
@@ -17,6 +17,7 @@ import numpy as np
 from flask.cli import FlaskGroup
 from flask.cli import NoAppException
 
+from .architectures import ARCHITECTURES
 from .config import DEFAULTS
 from .config import PROJECT_ROOT
 from .modelcard import CLASSES
@@ -24,7 +25,20 @@ from .modelcard import ModelError
 
 __all__ = ["cli"]
 
-DEFAULT_MODEL = Path(DEFAULTS["BRAINMRI_MODEL_PATH"])
+MODEL_DIR = Path(DEFAULTS["BRAINMRI_MODEL_DIR"])
+_MODEL_HELP = "Model .h5 [default: the served default in model/, the best on the leakage-free test]."
+
+
+def _model_or_default(model_path: Path | None) -> Path:
+    """`model_path`, else the registry's default model (best leakage-free test figures)."""
+    if model_path is not None:
+        return model_path
+    from .registry import default_model_path
+
+    try:
+        return default_model_path(MODEL_DIR)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -76,14 +90,20 @@ def _with_cache_progress(data: Path, label: str):
 @click.option("--data", type=_DIR, required=True,
               help="Data set folder: Training/<class>/ and Testing/<class>/, or <class>/ folders.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_MODEL.parent, show_default=True, help="Where to write the model.")
-@click.option("--name", default="brainmri_cnn", show_default=True, help="Model file stem.")
+              default=MODEL_DIR, show_default=True, help="Where to write the model.")
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True,
+              help="Network to train (all take the same preprocessed input).")
+@click.option("--weights", default="none", show_default=True,
+              help="Starting weights: none, imagenet (downloads; mobilenetv2/efficientnetb0), "
+                   "imagenet-lite0 (offline, efficientnet_lite0) or a local weights file.")
+@click.option("--name", default=None, help="Model file stem [default: brainmri_<arch>].")
 @click.option("--epochs", default=60, show_default=True, help="Upper bound; early stopping ends sooner.")
 @click.option("--max-minutes", default=28.0, show_default=True,
               help="Wall-clock budget for the training loop (stops after the epoch that crosses it).")
 @click.option("--size", default=128, show_default=True, help="Square input side in pixels.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--learning-rate", default=2e-3, show_default=True)
+@click.option("--learning-rate", type=float, default=None,
+              help="AdamW learning rate [default: 2e-3; 5e-4 when fine-tuning efficientnet_lite0].")
 @click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")
 @click.option("--group-distance", default=None, type=int,
               help="pHash Hamming distance that makes two images duplicates [default: 4].")
@@ -91,16 +111,25 @@ def _with_cache_progress(data: Path, label: str):
               help="Also keep out of training every image with a near-duplicate in Testing/.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Preprocessed-image cache [default: $BRAINMRI_CACHE or ./.cache/brainmri].")
-def train_command(data: Path, out: Path, name: str, epochs: int, max_minutes: float, size: int,
-                  batch_size: int, learning_rate: float, seed: int, group_distance: int | None,
-                  exclude_test_duplicates: bool, cache_dir: Path | None) -> None:
-    """Train the CNN on leakage-free splits and write <name>.h5 with its metadata."""
+def train_command(data: Path, out: Path, arch: str, weights: str, name: str | None, epochs: int,
+                  max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
+                  seed: int, group_distance: int | None, exclude_test_duplicates: bool,
+                  cache_dir: Path | None) -> None:
+    """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
     from . import dedup
     from . import training
 
+    from .architectures import check_weights
+
+    try:  # fail before the slow part
+        check_weights(arch, weights)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--weights") from exc
     config = training.TrainConfig(
+        arch=arch, weights=None if weights == "none" else weights,
+        name=name or f"brainmri_{arch}",
         size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        max_minutes=max_minutes, name=name,
+        max_minutes=max_minutes,
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )
@@ -124,15 +153,16 @@ def train_command(data: Path, out: Path, name: str, epochs: int, max_minutes: fl
 @cli.command("evaluate", with_appcontext=False)
 @click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=DEFAULT_MODEL, show_default=True)
+              default=None, help=_MODEL_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=PROJECT_ROOT / "reports", show_default=True)
 @click.option("--write-metadata", is_flag=True,
               help="Store the headline figures in the model's metadata JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def evaluate_command(data: Path, model_path: Path, out: Path, write_metadata: bool,
+def evaluate_command(data: Path, model_path: Path | None, out: Path, write_metadata: bool,
                      cache_dir: Path | None) -> None:
     """Write metrics.json and plots (confusion, ROC, confidence, reliability, training curves)."""
+    model_path = _model_or_default(model_path)
     from . import evaluation
     from .modelcard import metadata_path_for
 
@@ -182,18 +212,49 @@ def _echo_trust(trust: dict) -> None:
                f"{ood['refusal_rate_expected_pass']:.4f}")
 
 
+@cli.command("compare", with_appcontext=False)
+@click.option("--data", type=_DIR, required=True, help="Data set folder the models were trained on.")
+@click.option("--model", "model_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A model to compare (repeatable) [default: every model in model/].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=PROJECT_ROOT / "reports", show_default=True)
+@click.option("--latency-runs", default=50, show_default=True,
+              help="Single-image forward passes timed per model (the median is reported).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def compare_command(data: Path, model_paths: tuple[Path, ...], out: Path, latency_runs: int,
+                    cache_dir: Path | None) -> None:
+    """Measure every model on identical splits: compare.md table, compare.json, compare.png."""
+    from .compare import ComparisonError
+    from .compare import compare
+    from .compare import markdown_table
+    from .registry import discover_models
+
+    paths = list(model_paths) or discover_models(MODEL_DIR)
+    bar, update = _with_cache_progress(data, "Loading images")
+    try:
+        with bar:
+            report = compare(paths, data, out, cache_dir=cache_dir, progress=update,
+                             latency_runs=latency_runs)
+    except (ComparisonError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(markdown_table(report["models"]))
+    click.echo(f"Wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
 @cli.command("calibrate", with_appcontext=False)
 @click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=DEFAULT_MODEL, show_default=True)
+              default=None, help=_MODEL_HELP)
 @click.option("--target-accuracy", default=0.98, show_default=True,
               help="Accuracy that predictions not flagged 'uncertain' must reach on validation.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def calibrate_command(data: Path, model_path: Path, target_accuracy: float,
+def calibrate_command(data: Path, model_path: Path | None, target_accuracy: float,
                       cache_dir: Path | None) -> None:
     """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
     from . import trust
 
+    model_path = _model_or_default(model_path)
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
         result = trust.calibrate(model_path, data, cache_dir=cache_dir,
@@ -214,16 +275,17 @@ def calibrate_command(data: Path, model_path: Path, target_accuracy: float,
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output CSV (one row per file, written as it goes).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=DEFAULT_MODEL, show_default=True)
+              default=None, help=_MODEL_HELP)
 @click.option("--batch-size", default=32, show_default=True)
-def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path, batch_size: int) -> None:
+def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | None,
+                    batch_size: int) -> None:
     """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV; bad files get an error row."""
     from .dataset import iter_image_files
     from .imaging import ImageError
     from .predictor import Predictor
 
     files = iter_image_files(list(paths))
-    predictor = Predictor.from_path(model_path)
+    predictor = Predictor.from_path(_model_or_default(model_path))
     predictor.load()
     counts = {"ok": 0, "error": 0}
     with csv_path.open("w", newline="", encoding="utf-8") as handle, \

@@ -39,7 +39,13 @@ DEFAULTS: dict[str, Any] = {
     "BRAINMRI_BATCH_MAX_FILES": 16,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",  # set FLASK_SESSION_COOKIE_SECURE=true behind HTTPS
-    "BRAINMRI_MODEL_PATH": str(PROJECT_ROOT / "model" / "brainmri_cnn.h5"),
+    # Every <name>.h5 here (with its metadata) is served; requests pick one with `model=`.
+    "BRAINMRI_MODEL_DIR": str(PROJECT_ROOT / "model"),
+    # The model used when a request names none; None = the best leakage-free test accuracy
+    # recorded in the metadata (registry.py).
+    "BRAINMRI_DEFAULT_MODEL": None,
+    # Set to one .h5 to serve only that model (single-model deployments, tests).
+    "BRAINMRI_MODEL_PATH": None,
     # Images whose header declares more pixels are refused before decoding (decompression bombs).
     "BRAINMRI_MAX_PIXELS": DEFAULT_MAX_PIXELS,
     # True only for tools that need the app but no model (tests, the CLI before training).

@@ -22,8 +22,10 @@ from .modelcard import CLASSES
 __all__ = [
     "EvalSet",
     "classification_metrics",
+    "eval_sets",
     "evaluate",
     "expected_calibration_error",
+    "predict_canonical",
     "roc_curve",
     "splits_path_for",
 ]
@@ -113,7 +115,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     }
 
 
-def _eval_sets(data: CachedDataset, manifest: dict | None) -> list[EvalSet]:
+def eval_sets(data: CachedDataset, manifest: dict | None) -> list[EvalSet]:
+    """The evaluation sets of `data` given a split manifest (or the folders, without one)."""
     index = {path: i for i, path in enumerate(data.paths)}
     sets: list[EvalSet] = []
     if manifest:
@@ -146,7 +149,8 @@ def _eval_sets(data: CachedDataset, manifest: dict | None) -> list[EvalSet]:
     return sets
 
 
-def _predict(predictor, images: np.ndarray, batch: int = 128) -> np.ndarray:
+def predict_canonical(predictor, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """Uncalibrated softmax in batches, columns in the canonical class order."""
     outputs = [predictor.predict_arrays(images[i : i + batch]) for i in range(0, len(images), batch)]
     raw = np.concatenate(outputs) if outputs else np.zeros((0, len(predictor.labels)))
     # Reorder the model's outputs into the canonical class order.
@@ -174,12 +178,12 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
         "sets": {},
     }
     curves = {}
-    eval_sets = _eval_sets(data, manifest)
-    for eval_set in eval_sets:
+    sets = eval_sets(data, manifest)
+    for eval_set in sets:
         if len(eval_set.indices) == 0:
             continue
         # The served (temperature-calibrated) probabilities; `trust` compares with the raw ones.
-        probs = predictor.calibrate(_predict(predictor, data.images[eval_set.indices]))
+        probs = predictor.calibrate(predict_canonical(predictor, data.images[eval_set.indices]))
         metrics = classification_metrics(y[eval_set.indices], probs)
         metrics["description"] = eval_set.description
         report["sets"][eval_set.name] = metrics
@@ -189,7 +193,7 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
     report["plots"] = plots.write_all(out_dir, curves, history)
     from .trust import evaluate_trust
 
-    report["trust"] = evaluate_trust(predictor, data, {s.name: s.indices for s in eval_sets}, out_dir)
+    report["trust"] = evaluate_trust(predictor, data, {s.name: s.indices for s in sets}, out_dir)
     report["plots"] += [name for name in ("reliability_test_before_calibration.png",
                                           "reliability_test_after_calibration.png")
                         if (out_dir / name).is_file()]

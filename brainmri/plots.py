@@ -8,10 +8,11 @@ import numpy as np
 
 from .modelcard import CLASSES
 
-__all__ = ["reliability", "write_all"]
+__all__ = ["pyplot", "reliability", "write_all"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -121,14 +122,14 @@ def _history(plt, path: Path, history: dict) -> None:
 
 def reliability(path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
     """Write one reliability diagram (accuracy against confidence per bin) to `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     _reliability(plt, path, name, y, probs)
 
 
 def write_all(out_dir: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
               history: dict | None) -> list[str]:
     """Write every plot for every evaluation set; return the file names."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for name, (y, probs) in curves.items():
         for kind, draw in (("confusion", _confusion), ("roc", _roc),

@@ -288,12 +288,29 @@ class Predictor:
 
 
 def init_app(app) -> None:
-    """Attach an (unloaded) predictor for the configured model; fails fast on bad metadata."""
+    """Attach the (unloaded) model registry and its default predictor; fails fast on bad metadata.
+
+    Raises:
+        ModelError: a model is missing, its metadata is missing/invalid, or its sha256 differs.
+    """
     if app.config.get("BRAINMRI_SKIP_MODEL"):
         return
-    app.extensions[EXTENSION_KEY] = Predictor.from_path(
-        Path(app.config["BRAINMRI_MODEL_PATH"]), max_pixels=app.config["BRAINMRI_MAX_PIXELS"]
-    )
+    from .registry import REGISTRY_KEY
+    from .registry import ModelRegistry
+    from .registry import default_model_path
+    from .registry import discover_models
+
+    single = app.config.get("BRAINMRI_MODEL_PATH")
+    if single:
+        paths = [Path(single)]
+        default = paths[0]
+    else:
+        model_dir = Path(app.config["BRAINMRI_MODEL_DIR"])
+        default = default_model_path(model_dir, app.config.get("BRAINMRI_DEFAULT_MODEL"))
+        paths = discover_models(model_dir)
+    registry = ModelRegistry.from_paths(paths, default, app.config["BRAINMRI_MAX_PIXELS"])
+    app.extensions[REGISTRY_KEY] = registry
+    app.extensions[EXTENSION_KEY] = registry.get()
 
 
 def get_predictor() -> Predictor:

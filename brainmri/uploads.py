@@ -24,22 +24,27 @@ from .predictor import EXTENSION_KEY
 from .predictor import Explanation
 from .predictor import Prediction
 from .predictor import Predictor
+from .registry import REGISTRY_KEY
+from .registry import UnknownModel
 
 __all__ = [
     "ACCEPT",
     "ALLOWED_EXTENSIONS",
     "BATCH_FIELD",
     "FIELD",
+    "MODEL_FIELD",
     "Classified",
     "check_extension",
     "classify",
     "current_predictor",
     "read_batch",
     "read_upload",
+    "requested_model",
     "uncertain_below",
 ]
 
 FIELD = "file"
+MODEL_FIELD = "model"
 BATCH_FIELD = "files"
 ALLOWED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 # <input accept=...>; browsers report .dcm files as application/dicom (or with no type at all).
@@ -53,6 +58,7 @@ class Classified:
     prediction: Prediction
     model_input: np.ndarray
     explanation: Explanation | None = None
+    model: dict[str, str] | None = None  # the answering model's name, version, sha256
 
 
 def read_upload(field: str = FIELD) -> bytes:
@@ -121,11 +127,31 @@ def read_batch(max_files: int, field: str = BATCH_FIELD) -> list[FileStorage]:
     return uploads
 
 
-def current_predictor() -> Predictor:
-    """The app's predictor, or ModelError (-> 503) when the app was built without a model."""
+def requested_model() -> str | None:
+    """The model a request names in its `model` form field or query argument, if any."""
+    name = request.form.get(MODEL_FIELD) or request.args.get(MODEL_FIELD) or ""
+    return name.strip() or None
+
+
+def current_predictor(name: str | None = None) -> Predictor:
+    """The predictor called `name` (default: the app's default model).
+
+    Raises:
+        ModelError: the app was built without a model (503).
+        UploadError: 400 `unknown_model`, no served model has that name.
+    """
+    registry = current_app.extensions.get(REGISTRY_KEY)
+    if registry is not None:
+        try:
+            return registry.get(name)
+        except UnknownModel as error:
+            raise UploadError(error.code, error.message, error.status) from None
     predictor = current_app.extensions.get(EXTENSION_KEY)
     if predictor is None:
         raise ModelError("No model is configured for this app (BRAINMRI_SKIP_MODEL is set).")
+    if name and name != predictor.card.name:  # a single injected predictor (tests, tools)
+        error = UnknownModel(name, [predictor.card.name])
+        raise UploadError(error.code, error.message, error.status)
     return predictor
 
 
@@ -135,7 +161,7 @@ def uncertain_below(predictor=None) -> float:
     return float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"] if fitted is None else fitted)
 
 
-def classify(data: bytes, explain: bool = False) -> Classified:
+def classify(data: bytes, explain: bool = False, model: str | None = None) -> Classified:
     """Preprocess, screen (is it a brain MRI?) and classify uploaded bytes, calibrated.
 
     The model loads on first use (dev server). With `explain`, a Grad-CAM heatmap of the
@@ -146,10 +172,10 @@ def classify(data: bytes, explain: bool = False) -> Classified:
             `NotBrainMRI` (422): the out-of-distribution guard refused it, so no class is given.
         ModelError: the model cannot be loaded (503).
     """
-    predictor = current_predictor()
+    predictor = current_predictor(model)
     model_input = predictor.prepare(data)
     prediction = predictor.predict_checked(model_input, data)
     prediction = replace(prediction, uncertain=prediction.confidence < uncertain_below(predictor))
     explanation = predictor.explain(model_input, prediction.label) if explain else None
     log_prediction(data, prediction.label)
-    return Classified(prediction, model_input, explanation)
+    return Classified(prediction, model_input, explanation, predictor.card.summary)

@@ -22,8 +22,10 @@ from .explain import overlay_data_uri
 from .modelcard import CLASSES
 from .modelcard import ModelError
 from .predictor import DISCLAIMER
+from .registry import REGISTRY_KEY
+from .registry import leakage_free_score
 
-__all__ = ["CLASS_NAMES", "bp", "is_uncertain", "rounded_percentages"]
+__all__ = ["CLASS_NAMES", "bp", "is_uncertain", "model_choices", "rounded_percentages"]
 
 bp = Blueprint("pages", __name__)
 
@@ -98,13 +100,32 @@ def class_name(label: str) -> str:
     return CLASS_NAMES.get(label, label)
 
 
+def model_choices() -> list[dict[str, str]]:
+    """The served models for the page's selector, the default first, labelled with their figures."""
+    registry = current_app.extensions.get(REGISTRY_KEY)
+    if registry is None:
+        return []
+    choices = []
+    for name in registry:
+        raw = registry.get(name).card.raw
+        accuracy, _ = leakage_free_score(raw)
+        figure = f"{accuracy:.1%} on the leakage-free test split" if accuracy >= 0 else "not evaluated"
+        label = f"{name} ({raw.get('arch', 'cnn')}): {figure}"
+        if name == registry.default:
+            label += ", default"
+        choices.append({"name": name, "label": label})
+    return choices
+
+
 @bp.get("/")
 def index() -> ResponseReturnValue:
-    """Show the upload form."""
+    """Show the upload form (with a model selector when several models are served)."""
     return render_template(
         "upload.html",
         classes=CLASSES,
         uncertain_below=_uncertain_below_or_default(),
+        models=model_choices(),
+        model_field=uploads.MODEL_FIELD,
         **_upload_limits(),
     )
 
@@ -112,7 +133,8 @@ def index() -> ResponseReturnValue:
 @bp.post("/predict")
 def predict() -> ResponseReturnValue:
     """Classify the uploaded slice and show every class's confidence with the disclaimer."""
-    result = uploads.classify(uploads.read_upload(), explain=True)
+    model = uploads.requested_model()
+    result = uploads.classify(uploads.read_upload(), explain=True, model=model)
     prediction = result.prediction
     percentages = rounded_percentages(prediction.probabilities)
     # Only the model's input is shown back, re-encoded in memory; the upload itself is dropped.
@@ -122,12 +144,12 @@ def predict() -> ResponseReturnValue:
         percentages=percentages,
         tumor_percentage=round(100 - percentages["no_tumor"], 1),
         uncertain=prediction.uncertain,
-        uncertain_below=uploads.uncertain_below(),
+        uncertain_below=uploads.uncertain_below(uploads.current_predictor(model)),
         description=CLASS_DESCRIPTIONS.get(prediction.label, ""),
         preview=preview_data_uri(result.model_input),
         heatmap=overlay_data_uri(result.explanation.heatmap) if result.explanation else None,
         heatmap_legend=legend_data_uri() if result.explanation else None,
         heatmap_layer=result.explanation.layer if result.explanation else None,
         input_size=result.model_input.shape[0],
-        model=uploads.current_predictor().card.summary,
+        model=result.model,
     )

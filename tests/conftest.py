@@ -10,6 +10,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,11 +19,26 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from brainmri import create_app
+from brainmri.config import PROJECT_ROOT
 from brainmri.imaging import load_scan
 from brainmri.modelcard import CLASSES
 from brainmri.predictor import EXTENSION_KEY
 from brainmri.predictor import Explanation
 from brainmri.predictor import Prediction
+
+# The real data set: $BRAINMRI_DATA, else ../shared/data/sartaj beside the checkout.
+REAL_DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
+
+
+def require_real_data() -> Path:
+    """The real data set's folder; skip with the reason when it is missing, fail under CI=true."""
+    if (REAL_DATA / "Testing").is_dir() and (REAL_DATA / "Training").is_dir():
+        return REAL_DATA
+    reason = f"real MRI data set not found at {REAL_DATA} (set BRAINMRI_DATA to the sartaj folder)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}
 
@@ -37,6 +53,10 @@ class FakeCard:
     input_size = 32
     channels = 1
 
+    def __init__(self, name: str = "fake-cnn", raw: dict | None = None) -> None:
+        self.name = name
+        self.raw = raw or {"name": name, "arch": "cnn"}  # the metadata JSON
+
     @property
     def summary(self) -> dict[str, str]:
         """Name, version and sha256, as the API reports them."""
@@ -46,8 +66,9 @@ class FakeCard:
 class FakePredictor:
     """Same interface as Predictor with fixed softmax output; real preprocessing, no TensorFlow."""
 
-    def __init__(self, probabilities: dict[str, float] | None = None) -> None:
-        self.card = FakeCard()
+    def __init__(self, probabilities: dict[str, float] | None = None, name: str = "fake-cnn",
+                 raw: dict | None = None) -> None:
+        self.card = FakeCard(name, raw)
         self.probabilities = probabilities or FAKE_PROBABILITIES
         self.max_pixels = 8192 * 8192
         self.loaded = False
@@ -150,10 +171,13 @@ class PageActions:
         html = self._client.get("/").get_data(as_text=True)
         return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
-    def upload(self, data: bytes, filename: str = "scan.png", token: str | None = None):
-        """POST the upload form with a file."""
+    def upload(self, data: bytes, filename: str = "scan.png", token: str | None = None,
+               model: str | None = None):
+        """POST the upload form with a file (and the model selector's choice, if given)."""
         form = {"file": (io.BytesIO(data), filename)}
         form["csrf_token"] = self.token() if token is None else token
+        if model is not None:
+            form["model"] = model
         return self._client.post("/predict", data=form, content_type="multipart/form-data")
 
 

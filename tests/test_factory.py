@@ -65,7 +65,9 @@ def test_defaults(instance_dir):
     app = create_app({**SKIP, "SECRET_KEY": "x"})
     assert app.config["MAX_CONTENT_LENGTH"] == 20 * 1024 * 1024
     assert app.config["BRAINMRI_MAX_PIXELS"] == DEFAULT_MAX_PIXELS
-    assert app.config["BRAINMRI_MODEL_PATH"] == str(PROJECT_ROOT / "model" / "brainmri_cnn.h5")
+    assert app.config["BRAINMRI_MODEL_DIR"] == str(PROJECT_ROOT / "model")
+    assert app.config["BRAINMRI_MODEL_PATH"] is None  # serve every model in the folder
+    assert app.config["BRAINMRI_DEFAULT_MODEL"] is None  # best leakage-free test figures
     assert app.config["MAX_FORM_PARTS"] <= 10
     assert 64 * 1024 < app.config["MAX_FORM_MEMORY_SIZE"] <= 1024 * 1024
     assert DEFAULTS["SECRET_KEY"] is None

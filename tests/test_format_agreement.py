@@ -8,23 +8,23 @@ retrained, and only agreement between formats is asserted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from brainmri.config import DEFAULTS
-from brainmri.config import PROJECT_ROOT
 from brainmri.imaging import decode_image
 
 from conftest import dicom_bytes
 from conftest import encode
+from conftest import REAL_DATA
+from conftest import require_real_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
-MODEL = Path(DEFAULTS["BRAINMRI_MODEL_PATH"])
+DATA = REAL_DATA
+MODEL = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"  # the custom CNN's figures
 TOLERANCE = 1e-3
 
 
@@ -34,10 +34,7 @@ def _one_jpeg_per_class() -> list[Path]:
     picks = [next(iter(sorted(folder.glob("*.jpg"))), None) for folder in folders]
     picks = [p for p in picks if p is not None]
     if not picks:
-        reason = f"real MRI data set not found at {DATA} (set BRAINMRI_DATA to the sartaj folder)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        require_real_data()  # skips, or fails under CI=true, naming the missing folder
     return picks
 
 

@@ -131,3 +131,73 @@ def test_cache_holds_exactly_what_serving_computes(synthetic_data, trained):
     for i in (0, len(data.paths) - 1):
         served = load_scan((synthetic_data / data.paths[i]).read_bytes(), 32)
         np.testing.assert_array_equal(data.images[i], served)
+
+
+@pytest.fixture(scope="module")
+def second_model(trained, synthetic_data):
+    """A MobileNetV2 trained one epoch on the same data, seed and grouping (same splits)."""
+    from click.testing import CliRunner
+
+    model_path, cache = trained
+    result = CliRunner().invoke(cli, [
+        "train", "--data", str(synthetic_data), "--out", str(model_path.parent), "--size", "32",
+        "--epochs", "1", "--batch-size", "8", "--cache-dir", str(cache), "--arch", "mobilenetv2",
+    ])
+    assert result.exit_code == 0, result.output
+    return model_path.parent / "brainmri_mobilenetv2.h5"
+
+
+def test_train_arch_records_what_was_built(second_model):
+    """--arch picks the network, names the file, and the metadata says which layer Grad-CAM reads."""
+    meta = read_model_card(second_model).raw
+    assert meta["arch"] == "mobilenetv2" and meta["weights"] == "none"
+    assert meta["last_conv_layer"] == "out_relu"
+    assert "--arch mobilenetv2" in meta["training"]["command"]
+    assert meta["training"]["config"]["learning_rate"] == 2e-3
+
+
+def test_compare_measures_every_model_on_the_same_splits(trained, second_model, synthetic_data,
+                                                         tmp_path):
+    """One table, one JSON and one plot with a row per model, each measured on the same images."""
+    from click.testing import CliRunner
+
+    model_path, cache = trained
+    result = CliRunner().invoke(cli, [
+        "compare", "--data", str(synthetic_data), "--model", str(model_path), "--model",
+        str(second_model), "--out", str(tmp_path), "--cache-dir", str(cache), "--latency-runs", "5",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "compare.json").read_text())
+    rows = {row["name"]: row for row in report["models"]}
+    assert set(rows) == {"brainmri_cnn", "brainmri_mobilenetv2"}
+    for row in rows.values():
+        assert row["sets"]["official_test"]["images"] == 16
+        assert row["sets"]["test"]["images"] == rows["brainmri_cnn"]["sets"]["test"]["images"]
+        assert row["latency_ms"] > 0 and row["file_mb"] > 0 and row["epochs"] == 1
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("| brainmri_") == 2
+    assert (tmp_path / "compare.png").stat().st_size > 5000
+
+
+def test_compare_refuses_models_from_different_splits(trained, second_model, synthetic_data,
+                                                      tmp_path):
+    """Figures from different test splits are not comparable: the command says so and stops."""
+    from click.testing import CliRunner
+
+    model_path, cache = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    for suffix in (".h5", ".json", ".splits.json"):
+        source = second_model.with_suffix(suffix)
+        (other / source.name).write_bytes(source.read_bytes())
+    manifest_path = other / "brainmri_mobilenetv2.splits.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"]["test"], manifest["splits"]["train"] = (
+        manifest["splits"]["train"][:3], manifest["splits"]["test"] + manifest["splits"]["train"][3:])
+    manifest_path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, [
+        "compare", "--data", str(synthetic_data), "--model", str(model_path), "--model",
+        str(other / "brainmri_mobilenetv2.h5"), "--out", str(tmp_path), "--cache-dir", str(cache),
+    ])
+    assert result.exit_code != 0
+    assert "different splits" in result.output

@@ -5,7 +5,6 @@ is missing these tests skip with the reason, except under CI=true, where they fa
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +12,15 @@ import pytest
 
 from brainmri import dedup
 from brainmri.config import DEFAULTS
-from brainmri.config import PROJECT_ROOT
 from brainmri.modelcard import CLASSES
+
+from conftest import REAL_DATA
+from conftest import require_real_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
-MODEL = Path(DEFAULTS["BRAINMRI_MODEL_PATH"])
-
-
-def _require_data() -> Path:
-    if (DATA / "Testing").is_dir() and (DATA / "Training").is_dir():
-        return DATA
-    reason = f"real MRI data set not found at {DATA} (set BRAINMRI_DATA to the sartaj folder)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+DATA = REAL_DATA
+MODEL = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"  # the custom CNN's figures
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def shipped():
     from brainmri.dataset import load_dataset
     from brainmri.predictor import Predictor
 
-    root = _require_data()
+    root = require_real_data()
     predictor = Predictor.from_path(MODEL)  # verifies the sha256 in the metadata
     predictor.load()
     return predictor, load_dataset(root, predictor.input_size)
