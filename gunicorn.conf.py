@@ -42,3 +42,20 @@ max_requests = 5000
 max_requests_jitter = 2500
 # URLs only; nothing identifying ever goes into a query string.
 accesslog = "-"
+
+
+def on_starting(server):
+    """Check every model's files (metadata, sha256) before the port opens or a worker forks.
+
+    Workers that fail together can make gunicorn exit 1, not 4 (its HaltServer is raised again
+    while it halts), so the common faults (missing, truncated or replaced model files) are
+    caught here, once and deterministically. In a subprocess: the master must not import the
+    app's libraries before forking. A model that passes this but that Keras cannot read still
+    stops every worker (exit 4) and the master (exit 4, or 1 in that race).
+    """
+    import subprocess
+    import sys
+
+    if subprocess.run([sys.executable, "-m", "brainmri.preflight"]).returncode != 0:
+        raise SystemExit(4)
+

@@ -9,11 +9,8 @@ import os
 
 from brainmri import create_app
 from brainmri.modelcard import ModelError
-from brainmri.registry import REGISTRY_KEY
-
-# gunicorn's "App failed to load" exit status: the master stops instead of respawning workers
-# that can never serve, so a bad model means a clear error and no half-alive server.
-APP_LOAD_ERROR = 4
+from brainmri.preflight import APP_LOAD_ERROR  # gunicorn's "App failed to load": the master
+from brainmri.registry import REGISTRY_KEY     # stops instead of respawning hopeless workers
 
 try:
     app = create_app()

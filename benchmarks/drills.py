@@ -148,7 +148,8 @@ def bad_model(kind: str, source_dir: Path, work_dir: Path, timeout_s: float = 15
         log = server.log
     message = next((line for line in log.splitlines() if "BrainMRI cannot start" in line), "")
     return {"kind": kind, "exit_code": code, "exit_s": round(time.perf_counter() - started, 1),
-            "listening_after": listening, "message": message.split("BrainMRI cannot start: ")[-1]}
+            "listening_after": listening, "workers_booted": log.count("Booting worker"),
+            "message": message.split("BrainMRI cannot start: ")[-1]}
 
 
 def big_jpeg(mri: bytes, target_bytes: int = 19_500_000, seed: int = 0) -> bytes:

@@ -38,7 +38,8 @@ def _rss(server) -> str:
     return ", ".join(f"{pid}: {rss_mib(pid):.0f} MiB" for pid in sorted(server.ready_pids()))
 
 
-def load_runs(image: bytes, clients: list[int], seconds: float, workers: int) -> None:
+def load_runs(image: bytes, clients: list[int], seconds: float, workers: int,
+              max_requests: int) -> None:
     """One server; a warm-up, then a timed run per client count."""
     body, content_type = multipart(image)
     with serving(workers=workers) as server:
@@ -47,12 +48,13 @@ def load_runs(image: bytes, clients: list[int], seconds: float, workers: int) ->
         print(f"  RSS at start: {_rss(server)}")
         run_load(server.port, body, content_type, 2, 5.0)  # warm-up, not reported
         for count in clients:
-            print("  " + run_load(server.port, body, content_type, count, seconds).summary(),
-                  flush=True)
+            result = run_load(server.port, body, content_type, count, seconds, max_requests)
+            print("  " + result.summary(), flush=True)
         print(f"  RSS at end:   {_rss(server)}")
 
 
-def soak(image: bytes, clients: int, seconds: float, workers: int, sample_every: float) -> None:
+def soak(image: bytes, clients: int, seconds: float, workers: int, sample_every: float,
+         max_requests: int) -> None:
     """`clients` clients for `seconds`; RSS of every live worker sampled along the way."""
     body, content_type = multipart(image)
     with serving(workers=workers) as server:
@@ -70,7 +72,8 @@ def soak(image: bytes, clients: int, seconds: float, workers: int, sample_every:
                 next_sample[0] += sample_every
             return False
 
-        result = run_load(server.port, body, content_type, clients, seconds, during=during)
+        result = run_load(server.port, body, content_type, clients, seconds, max_requests,
+                          during=during)
         end_pids = sorted(server.ready_pids())
         print("  " + result.summary())
         print(f"  RSS at end: {_rss(server)}")
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--seconds", type=float, default=30.0, help="per client count")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-requests", type=int, default=200_000,
+                        help="stop a run after this many requests, whatever --seconds says")
     parser.add_argument("--soak-seconds", type=float, default=0.0,
                         help="run a soak of this length instead (8 clients unless --clients)")
     parser.add_argument("--sample-every", type=float, default=30.0, help="soak RSS sampling, s")
@@ -114,9 +119,10 @@ def main() -> None:
     if args.drills:
         run_drills(image)
     elif args.soak_seconds > 0:
-        soak(image, max(args.clients), args.soak_seconds, args.workers, args.sample_every)
+        soak(image, max(args.clients), args.soak_seconds, args.workers, args.sample_every,
+             args.max_requests)
     else:
-        load_runs(image, args.clients, args.seconds, args.workers)
+        load_runs(image, args.clients, args.seconds, args.workers, args.max_requests)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def test_bad_model_stops_with_a_clear_error(kind, tmp_path):
     outcome = bad_model(kind, PROJECT_ROOT / "model", tmp_path)
     assert outcome["exit_code"] == 4, outcome  # gunicorn: "App failed to load"
     assert not outcome["listening_after"]
+    # The master's pre-flight (gunicorn.conf.py on_starting) refuses before any worker forks.
+    assert outcome["workers_booted"] == 0, outcome
     expected = {"missing": "No trained model", "corrupt": "does not match its metadata",
                 "unloadable": "could not be loaded as a Keras model"}[kind]
     assert expected in outcome["message"], outcome

@@ -183,3 +183,28 @@ def test_page_without_choice_has_no_selector(client):
     """With one model there is nothing to choose, so no selector is shown."""
     assert "model-select" not in client.get("/").get_data(as_text=True)
 
+
+
+def test_preflight_refuses_files_keras_cannot_read(tmp_path):
+    """The master's pre-flight opens each .h5 with h5py: garbage or a config-less file is refused."""
+    h5py = pytest.importorskip("h5py")
+    from brainmri.preflight import check_keras_h5
+
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8)
+    with pytest.raises(ModelError, match="garbage.h5 could not be loaded as a Keras model"):
+        check_keras_h5(garbage)
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as h5:
+        h5.create_group("model_weights")
+    with pytest.raises(ModelError, match="empty.h5 could not be loaded as a Keras model"):
+        check_keras_h5(empty)
+
+
+def test_preflight_reports_what_a_worker_would(tmp_path, monkeypatch):
+    """`python -m brainmri.preflight` checks the configured folder: exit 4 and the reason, or 0."""
+    from brainmri import preflight
+
+    monkeypatch.setenv("FLASK_BRAINMRI_MODEL_DIR", str(tmp_path))
+    assert "No trained model" in preflight.check_models()
+    assert preflight.main() == preflight.APP_LOAD_ERROR

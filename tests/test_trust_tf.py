@@ -99,14 +99,14 @@ def test_served_probabilities_are_calibrated_and_sum_to_one(blob_model, tmp_path
 @pytest.mark.realdata
 def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
     from test_shipped_model import MODEL
-    from test_shipped_model import _require_data
+    from conftest import require_real_data
 
     from brainmri import ood_sets
     from brainmri import trust
     from brainmri.dataset import load_dataset
     from brainmri.predictor import Predictor
 
-    root = _require_data()
+    root = require_real_data()
     predictor = Predictor.from_path(MODEL)
     assert predictor.guard is not None, "run `brainmri calibrate` on the shipped model"
     predictor.load()
