@@ -2,7 +2,8 @@
 
     uv run python docs/screenshots.py
 
-Serves the real app with the tests' fake predictor (no TensorFlow, no model file needed) on a
+Serves the real app with the tests' fake predictors (no TensorFlow), named and labelled from
+the shipped models' metadata so the model selector reads as it does in production, on a
 local port and writes docs/screenshots/{upload,result,uncertain,error}-{desktop,phone}.png. The
 scan is a synthetic drawing, never patient data. Needs Debian's chromium (BRAINMRI_CHROMIUM to
 point elsewhere); like the browser tests it never downloads a browser.
@@ -11,6 +12,7 @@ point elsewhere); like the browser tests it never downloads a browser.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +31,12 @@ from conftest import launch_chromium  # noqa: E402
 from conftest import serve  # noqa: E402
 
 from brainmri import create_app  # noqa: E402
+from brainmri.modelcard import metadata_path_for  # noqa: E402
 from brainmri.predictor import EXTENSION_KEY  # noqa: E402
+from brainmri.registry import REGISTRY_KEY  # noqa: E402
+from brainmri.registry import ModelRegistry  # noqa: E402
+from brainmri.registry import default_model_path  # noqa: E402
+from brainmri.registry import discover_models  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
@@ -63,6 +70,18 @@ def shoot(page, name: str) -> None:
     print(f"{path.relative_to(ROOT)}  {path.stat().st_size // 1024} KB")
 
 
+def fake_registry(probabilities: dict[str, float]) -> ModelRegistry:
+    """Fake predictors named after the shipped models (their metadata), all answering `probabilities`."""
+    predictors = {}
+    for path in discover_models(ROOT / "model"):
+        raw = json.loads(metadata_path_for(path).read_text())
+        fake = FakePredictor(dict(probabilities), name=raw["name"], raw=raw)
+        fake.card.input_size = PREVIEW_SIZE
+        predictors[raw["name"]] = fake
+    default = json.loads(metadata_path_for(default_model_path(ROOT / "model")).read_text())["name"]
+    return ModelRegistry(predictors, default)
+
+
 def submit(page) -> None:
     """Press Analyse scan and wait for the next page."""
     with page.expect_navigation():
@@ -73,9 +92,10 @@ def main() -> None:
     """Write every screenshot."""
     OUT.mkdir(parents=True, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    predictor = FakePredictor(CONFIDENT)
-    predictor.card.input_size = PREVIEW_SIZE
+    registry = fake_registry(CONFIDENT)
+    predictor = registry.get()  # the default model answers
     app = create_app({"SECRET_KEY": "screenshots", "BRAINMRI_SKIP_MODEL": True})
+    app.extensions[REGISTRY_KEY] = registry
     app.extensions[EXTENSION_KEY] = predictor
     app.logger.setLevel(logging.WARNING)
     scan = {"name": "scan.png", "mimeType": "image/png", "buffer": drawn_slice()}
