@@ -147,12 +147,33 @@ def _jpeg_dimensions(data: bytes) -> _Dimensions | None:
     return None
 
 
+PNG_MAX_CHUNK = 2**31 - 1  # the PNG specification's limit on a chunk's length
+
+
+def _png_chunks_intact(data: bytes) -> bool:
+    """True when every PNG chunk's declared length fits in the file, up to IEND.
+
+    One flipped bit in a chunk length (say IDAT claiming 4 GB of a 2 KB file) made OpenCV spend
+    seconds before giving up: a cheap way to burn a worker's CPU. Walking the chunk headers
+    costs microseconds; CRCs are left to libpng.
+    """
+    pos, size = 8, len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if length > PNG_MAX_CHUNK or pos + 12 + length > size:
+            return False
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length
+    return False
+
+
 def _is_truncated(data: bytes, fmt: str) -> bool:
     """True when the file ends before its end marker (libjpeg would pad it with grey)."""
     if fmt == "jpeg":
         return b"\xff\xd9" not in data[-1024:]
     if fmt == "png":
-        return b"IEND" not in data[-64:]
+        return not _png_chunks_intact(data)
     return False
 
 

@@ -149,3 +149,34 @@ def test_annotations_around_the_head_are_cropped_away():
     cv2.line(annotated, (8, 280), (50, 280), 255, 2)
     assert not np.array_equal(annotated, clean)
     np.testing.assert_array_equal(load_scan(encode(annotated), SIZE), load_scan(encode(clean), SIZE))
+
+
+@pytest.mark.parametrize("length", [0xFBFFFF57, 0x7FFFFFFF, 0x80000000, 10_000])
+def test_png_chunk_longer_than_the_file_is_refused_before_decoding(monkeypatch, length):
+    """A chunk length past the end of the file (one flipped bit, found by a timing fuzz) is
+    refused from the chunk headers: OpenCV spent up to 4.9 s on such 2 KB files."""
+    import struct
+
+    data = bytearray(encode(synthetic_slice(48)))
+    assert data[37:41] == b"IDAT"
+    data[33:37] = struct.pack(">I", length)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the decoder must not be reached")
+
+    monkeypatch.setattr(cv2, "imdecode", never)
+    with pytest.raises(ImageError) as info:
+        decode_image(bytes(data))
+    assert info.value.code == "corrupt_image"
+
+
+def test_png_with_many_chunks_and_trailing_bytes_still_decodes():
+    """The chunk walk accepts what libpng accepts: ancillary chunks, and bytes after IEND."""
+    import struct
+    import zlib
+
+    data = encode(synthetic_slice(48))
+    text = b"tEXt" + b"Comment\x00" + b"x" * 100
+    chunk = struct.pack(">I", len(text) - 4) + text + struct.pack(">I", zlib.crc32(text))
+    with_text = data[:33] + chunk * 50 + data[33:] + b"trailing garbage"
+    assert decode_image(with_text).shape == (48, 48)
