@@ -205,11 +205,16 @@ def _echo_trust(trust: dict) -> None:
         return
     for name, c in ood["categories"].items():
         extra = f" accuracy of passed={c['accuracy_of_passed']:.3f}" if "accuracy_of_passed" in c else ""
+        exposed = " (exposed: its transform family trained the exposure head)" if c.get("exposed") else ""
         click.echo(f"{name:>20}: expect {c['expect']:<6} refused {c['refused']:3d}/{c['images']:3d} "
-                   f"= {c['refusal_rate']:.3f}{extra}")
+                   f"= {c['refusal_rate']:.3f}{extra}{exposed}")
     click.echo(f"OOD refusal rate (should-refuse images, n={ood['images_expected_refuse']}): "
                f"{ood['refusal_rate_expected_refuse']:.4f}; refusal of should-pass MRI variants: "
                f"{ood['refusal_rate_expected_pass']:.4f}")
+    if ood.get("refusal_rate_expected_refuse_unexposed") is not None:
+        click.echo(f"OOD refusal rate of categories the exposure head never saw "
+                   f"(n={ood['images_expected_refuse_unexposed']}): "
+                   f"{ood['refusal_rate_expected_refuse_unexposed']:.4f}")
 
 
 @cli.command("compare", with_appcontext=False)

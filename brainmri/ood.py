@@ -6,6 +6,11 @@ background around a head-shaped region, texture) and how far the network's poole
 features lie from every class's training images (a Mahalanobis distance with a shared, slightly
 shrunk covariance, as in Lee et al. 2018; an energy score
 is not available because the model stores softmax outputs, whose log-sum-exp is always 0).
+A third score comes from outlier exposure (Hendrycks et al. 2019): a logistic regression on the
+pooled features and the cheap measurements, trained by `brainmri calibrate` to tell training-split
+MRIs from altered copies of them (small patches, inverted contrast; `ood_sets.exposure_negatives`),
+which the other checks let through because their features resemble tissue.
+
 Every bound is fitted on the validation split by `brainmri calibrate` and stored in the model
 metadata under "ood"; nothing here is a hard-coded threshold. No TensorFlow, no Flask.
 """
@@ -25,12 +30,15 @@ from .imaging import ImageError
 from .imaging import sniff_format
 
 __all__ = [
+    "EXPOSURE_INPUTS",
     "FEATURES",
+    "Exposure",
     "NotBrainMRI",
     "OODGuard",
     "Verdict",
     "colourfulness",
     "choose_margin",
+    "fit_exposure",
     "fit_guard",
     "image_features",
 ]
@@ -46,7 +54,14 @@ FEATURES: dict[str, tuple[str, float, str]] = {
     "texture": ("both", 0.0, "its texture is unlike an MRI slice (noise, text, patterns or blank)"),
     "feature_distance": ("high", 0.0,
                          "the network's features are far from every brain MRI it was trained on"),
+    "mri_likeness": ("low", 0.0,
+                     "it looks like a fragment or an altered copy of a scan rather than a whole "
+                     "MRI slice"),
 }
+
+# Cheap measurements the exposure head sees beside the pooled features (colour is left out:
+# DICOM and grey files have none, and colour photos are refused on it already).
+EXPOSURE_INPUTS = ("border_brightness", "dark_fraction", "head_fraction", "texture")
 
 
 class NotBrainMRI(ImageError):
@@ -112,6 +127,63 @@ def image_features(model_input: np.ndarray, data: bytes | None = None) -> dict[s
 
 
 @dataclass(frozen=True)
+class Exposure:
+    """A linear score, high for whole MRI slices, on log(1 + pooled features) and cheap measurements."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+
+    @staticmethod
+    def inputs(embeddings: np.ndarray, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The head's input rows: log1p of the (ReLU) pooled features, then EXPOSURE_INPUTS."""
+        emb = np.log1p(np.maximum(np.atleast_2d(np.asarray(embeddings, np.float64)), 0.0))
+        cheap = np.stack([np.atleast_1d(np.asarray(features[name], np.float64))
+                          for name in EXPOSURE_INPUTS], axis=1)
+        return np.concatenate([emb, cheap], axis=1)
+
+    def score(self, embeddings: np.ndarray, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The logit of "whole MRI slice" per row."""
+        return ((self.inputs(embeddings, features) - self.mean) / self.scale) @ self.weights + self.bias
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON form, stored under "ood" → "exposure"."""
+        return {"inputs": ["log1p(pooled features)", *EXPOSURE_INPUTS],
+                "mean": np.round(self.mean, 6).tolist(), "scale": np.round(self.scale, 6).tolist(),
+                "weights": np.round(self.weights, 6).tolist(), "bias": round(float(self.bias), 6)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> Exposure:
+        """Rebuild the head from its metadata block."""
+        return cls(np.asarray(meta["mean"], np.float64), np.asarray(meta["scale"], np.float64),
+                   np.asarray(meta["weights"], np.float64), float(meta["bias"]))
+
+
+def fit_exposure(positives: np.ndarray, negatives: np.ndarray, l2: float = 1e-2,
+                 steps: int = 3000, learning_rate: float = 0.1) -> Exposure:
+    """Class-balanced, L2-regularised logistic regression (full-batch gradient descent, NumPy).
+
+    Args:
+        positives: `Exposure.inputs` rows of in-distribution images (the training split).
+        negatives: the same for images that must be refused (altered training-split images).
+    """
+    rows = np.concatenate([positives, negatives])
+    target = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    mean, scale = rows.mean(axis=0), rows.std(axis=0) + 1e-6
+    z = (rows - mean) / scale
+    # Each class weighs half, whatever the counts.
+    sample_weight = np.where(target == 1, 0.5 / target.mean(), 0.5 / (1 - target.mean()))
+    weights, bias = np.zeros(z.shape[1]), 0.0
+    for _ in range(steps):
+        prob = 1.0 / (1.0 + np.exp(-(z @ weights + bias)))
+        grad = (prob - target) * sample_weight
+        weights -= learning_rate * (z.T @ grad / len(z) + l2 * weights)
+        bias -= learning_rate * float(grad.mean())
+    return Exposure(mean, scale, weights, bias)
+
+
+@dataclass(frozen=True)
 class OODGuard:
     """Fitted bounds per feature plus class centroids of the network's pooled features."""
 
@@ -119,12 +191,21 @@ class OODGuard:
     centroids: np.ndarray  # (classes, dims)
     whitening: np.ndarray  # (dims, dims): W @ W.T is the inverse of the shared covariance
     info: dict[str, Any] = field(default_factory=dict)
+    exposure: Exposure | None = None
 
     def distance(self, embedding: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class centroid, per dimension, per row."""
         emb = np.atleast_2d(np.asarray(embedding, np.float64))
         diff = (emb[:, None, :] - self.centroids[None]) @ self.whitening
         return (diff**2).mean(axis=2).min(axis=1)
+
+    def model_scores(self, embeddings: np.ndarray, features: Mapping[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+        """The scores that need the network's pooled features, one value per row."""
+        scores = {"feature_distance": self.distance(embeddings)}
+        if self.exposure is not None:
+            scores["mri_likeness"] = self.exposure.score(embeddings, features)
+        return scores
 
     def check(self, features: Mapping[str, float]) -> Verdict:
         """Refuse when any measured feature lies outside its fitted bounds."""
@@ -142,7 +223,8 @@ class OODGuard:
         """Measure one input (with the network's pooled features, when known) and check it."""
         features = image_features(model_input, data)
         if embedding is not None and len(self.centroids):
-            features["feature_distance"] = float(self.distance(embedding)[0])
+            scores = self.model_scores(embedding, features)
+            features.update({name: float(values[0]) for name, values in scores.items()})
         return self.check(features)
 
     def to_metadata(self) -> dict[str, Any]:
@@ -154,6 +236,7 @@ class OODGuard:
             # float32, row-major, base64: a 128×128 matrix as JSON numbers would be ~200 KB.
             "whitening_float32_base64": base64.b64encode(
                 self.whitening.astype("<f4").tobytes()).decode("ascii"),
+            **({"exposure": self.exposure.to_metadata()} if self.exposure is not None else {}),
             **self.info,
         }
 
@@ -165,8 +248,10 @@ class OODGuard:
         dims = centroids.shape[1]
         whitening = np.frombuffer(base64.b64decode(meta["whitening_float32_base64"]), "<f4")
         info = {k: v for k, v in meta.items()
-                if k not in ("bounds", "centroids", "whitening_float32_base64")}
-        return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info)
+                if k not in ("bounds", "centroids", "whitening_float32_base64", "exposure")}
+        exposure = Exposure.from_metadata(meta["exposure"]) if "exposure" in meta else None
+        return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info,
+                   exposure)
 
 
 def _bound(values: np.ndarray, side: str, tail: float, margin: float,
@@ -215,7 +300,7 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
               train_labels: np.ndarray, val_embeddings: np.ndarray, tail: float = 0.0025,
               margin: float = 0.5, distance_tail: float = 0.005,
               distance_margin: float | None = None, shrinkage: float = 0.01,
-              max_distance_refusal: float = 0.005) -> OODGuard:
+              max_distance_refusal: float = 0.005, exposure: Exposure | None = None) -> OODGuard:
     """Fit the guard: centroids on the training split, every bound on the validation split.
 
     Args:
@@ -231,6 +316,8 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
             validation images stay under `max_distance_refusal`.
         shrinkage: weight of the scaled identity mixed into the shared covariance, so that it
             is invertible when some channels never fire.
+        exposure: the outlier-exposure head (`fit_exposure`, fitted on the training split); its
+            low bound is set on the validation split with `distance_tail` and `margin`.
     """
     classes = np.unique(train_labels)
     train_embeddings = np.asarray(train_embeddings, np.float64)
@@ -250,7 +337,10 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
     if distance_margin is None:
         distance_margin = choose_margin(distances, distance_tail, max_distance_refusal)
     bounds["feature_distance"] = _bound(distances, "high", distance_tail, distance_margin)
+    if exposure is not None:
+        likeness = exposure.score(val_embeddings, val_features)
+        bounds["mri_likeness"] = _bound(likeness, "low", distance_tail, margin)
     return OODGuard(bounds, centroids, whitening,
                     {"tail": tail, "margin": margin, "distance_tail": distance_tail,
                      "distance_margin": distance_margin, "shrinkage": shrinkage,
-                     "max_distance_refusal": max_distance_refusal})
+                     "max_distance_refusal": max_distance_refusal}, exposure)

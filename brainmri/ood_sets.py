@@ -11,6 +11,11 @@ Each category says whether the guard should refuse it (`expect_refusal`):
 - pass: MRIs rotated by a few degrees or by 90/180 degrees, mirrored, or mildly cropped.
   They are still brain MRI slices; the data set itself mixes axial, coronal and sagittal views
   and orientation conventions, so refusing them would refuse real scans.
+
+`exposure_negatives` is different: the altered *training-split* slices that `brainmri
+calibrate` shows the outlier-exposure head as "refuse". It shares two transform families with
+the test categories (patches, inversion) but never their images, sizes or seeds, so those two
+categories are reported as "exposed" and the rest as unseen.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import cv2
 import numpy as np
 
 __all__ = ["OODImage", "mri_variants", "photo_images", "ct_images", "synthetic_images",
-           "SYNTHETIC_CATEGORIES"]
+           "exposure_negatives", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
+# Test categories whose transform family the exposure head saw (on training-split images).
+EXPOSED_CATEGORIES = ("mri_inverted", "mri_patch")
 
 
 @dataclass(frozen=True)
@@ -174,3 +181,21 @@ def mri_variants(grey_images: list[np.ndarray], labels: list[str] | None = None,
         yield OODImage("mri_patch", f"patch-{i}", _png(patch), True, label)
         colour = cv2.applyColorMap(image, cv2.COLORMAP_JET)
         yield OODImage("mri_false_colour", f"false-colour-{i}", _jpeg(colour), True, label)
+
+
+def exposure_negatives(grey_images: list[np.ndarray], seed: int = 20261122) -> Iterator[bytes]:
+    """PNG bytes of altered training slices for outlier exposure: a patch and an inversion each.
+
+    Patches take 20-45 % of each side anywhere away from the edges (the test patches are 25 %
+    from the inner quarter), so the head learns "part of a scan", not one crop geometry.
+    """
+    rng = np.random.default_rng(seed)
+    for image in grey_images:
+        h, w = image.shape
+        frac = rng.uniform(0.2, 0.45)
+        ph, pw = max(8, int(h * frac)), max(8, int(w * frac))
+        top = int(rng.integers(h // 6, max(h // 6 + 1, h - ph - h // 6)))
+        left = int(rng.integers(w // 6, max(w // 6 + 1, w - pw - w // 6)))
+        yield _png(np.ascontiguousarray(image[top : top + ph, left : left + pw]))
+        yield _png(255 - image)
+

@@ -55,6 +55,31 @@ def _read(data: CachedDataset, indices: np.ndarray) -> list[bytes]:
     return [(data.root / data.paths[i]).read_bytes() for i in indices]
 
 
+def _fit_exposure(predictor, data: CachedDataset, train: np.ndarray, train_emb: np.ndarray,
+                  train_features: dict[str, np.ndarray]) -> tuple[ood.Exposure, dict[str, Any]]:
+    """The outlier-exposure head: training-split slices against altered copies of them.
+
+    The negatives go through `predictor.prepare`, the one preprocessing path, like an upload.
+    """
+    greys = []
+    for i in train:
+        grey = cv2.imdecode(np.frombuffer((data.root / data.paths[i]).read_bytes(), np.uint8),
+                            cv2.IMREAD_GRAYSCALE)
+        if grey is not None:
+            greys.append(grey)
+    inputs = []
+    for png in ood_sets.exposure_negatives(greys):
+        try:
+            inputs.append(predictor.prepare(png))
+        except ImageError:
+            continue
+    _, neg_emb, neg_features = measure_images(predictor, np.stack(inputs), [None] * len(inputs))
+    exposure = ood.fit_exposure(ood.Exposure.inputs(train_emb, train_features),
+                                ood.Exposure.inputs(neg_emb, neg_features))
+    return exposure, {"positives": "train split", "images": int(len(inputs)),
+                      "kinds": "a 20-45 % patch and an inversion of every training slice"}
+
+
 def calibrate(model_path: Path, data_root: Path, cache_dir: Path | None = None,
               target_accuracy: float = 0.98, progress=None) -> dict[str, Any]:
     """Fit temperature, uncertain threshold and OOD guard; write them into the model metadata.
@@ -80,7 +105,9 @@ def calibrate(model_path: Path, data_root: Path, cache_dir: Path | None = None,
     val, train = splits["val"], splits["train"]
 
     val_probs, val_emb, val_features = measure_images(predictor, data.images[val], _read(data, val))
-    train_probs, train_emb, _ = measure_images(predictor, data.images[train], [None] * len(train))
+    train_probs, train_emb, train_features = measure_images(
+        predictor, data.images[train], [None] * len(train))
+    exposure, negatives = _fit_exposure(predictor, data, train, train_emb, train_features)
     temperature = calibration.fit_temperature(val_probs, y[val])
     calibrated = calibration.apply_temperature(val_probs, temperature)
     correct = calibrated.argmax(1) == y[val]
@@ -95,13 +122,14 @@ def calibrate(model_path: Path, data_root: Path, cache_dir: Path | None = None,
         "ece_after": round(expected_calibration_error(correct, calibrated.max(1)), 4),
         **uncertain,
     }
-    guard = ood.fit_guard(val_features, train_emb, y[train], val_emb)
-    val_all = dict(val_features, feature_distance=guard.distance(val_emb))
+    guard = ood.fit_guard(val_features, train_emb, y[train], val_emb, exposure=exposure)
+    val_all = dict(val_features, **guard.model_scores(val_emb, val_features))
     refused = np.array([guard.check({k: v[i] for k, v in val_all.items()}).refused for i in range(len(val))])
     ood_block = guard.to_metadata() | {
         "fitted_on": {"centroids": "train", "bounds": "val"},
         "embedding": f"global average of layer {predictor.conv_layer!r}",
         "val_refusal_rate": round(float(refused.mean()), 4),
+        "exposure_negatives": negatives,
     }
     meta_path = metadata_path_for(model_path)
     meta = json.loads(meta_path.read_text())
@@ -170,7 +198,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             plots.reliability(out_dir / "reliability_test_after_calibration.png",
                               "test, after calibration", y[indices], calibrated)
         if guard is not None:
-            features["feature_distance"] = guard.distance(emb)
+            features.update(guard.model_scores(emb, features))
             verdicts = [guard.check({k: v[i] for k, v in features.items()}) for i in range(len(indices))]
             report["false_refusal"][name] = {
                 "images": int(len(indices)),
@@ -200,18 +228,25 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         if not verdict.refused and image.label is not None:
             top = predictor.labels[int(np.argmax(probs[0]))]
             entry["_correct"].append(top == image.label)
-    refuse_flags, pass_flags = [], []
+    refuse_flags, pass_flags, unexposed_flags = [], [], []
     for name, entry in categories.items():
         entry["refusal_rate"] = round(entry["refused"] / entry["images"], 4)
+        # The exposure head saw this transform family (on training images): an optimistic figure.
+        entry["exposed"] = guard.exposure is not None and name in ood_sets.EXPOSED_CATEGORIES
         entry["reasons"] = dict(entry["reasons"])
         correct = entry.pop("_correct")
         if correct:
             entry["accuracy_of_passed"] = _rate(correct)
         flags = refuse_flags if entry["expect"] == "refuse" else pass_flags
-        flags.extend([1] * entry["refused"] + [0] * (entry["images"] - entry["refused"]))
+        outcome = [1] * entry["refused"] + [0] * (entry["images"] - entry["refused"])
+        flags.extend(outcome)
+        if entry["expect"] == "refuse" and not entry["exposed"]:
+            unexposed_flags.extend(outcome)
     report["ood"] = {
         "categories": categories,
         "refusal_rate_expected_refuse": _rate(refuse_flags),
+        "refusal_rate_expected_refuse_unexposed": _rate(unexposed_flags),
+        "images_expected_refuse_unexposed": len(unexposed_flags),
         "refusal_rate_expected_pass": _rate(pass_flags),
         "images_expected_refuse": len(refuse_flags),
     }

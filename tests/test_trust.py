@@ -81,6 +81,68 @@ def test_guard_passes_new_slices_and_round_trips_through_metadata():
         assert not guard.assess(load_scan(data, 64), data, None).refused
 
 
+def _exposure_rows(seeds, embed, alter=None):
+    """Exposure inputs of synthetic slices (optionally altered), with a fake 'embedding'."""
+    inputs, embeddings = [], []
+    for seed in seeds:
+        grey = synthetic_slice(160, seed)
+        data = encode(alter(grey) if alter else grey)
+        x = load_scan(data, 64)
+        inputs.append(ood.image_features(x, data))
+        embeddings.append(embed(x))
+    table = {name: np.array([f[name] for f in inputs]) for name in inputs[0]}
+    return np.stack(embeddings), table
+
+
+def _embed(x):
+    """Stand-in for pooled features: coarse 4×4 average intensities of the input."""
+    return cv2.resize(x.reshape(x.shape[:2]), (4, 4), interpolation=cv2.INTER_AREA).ravel()
+
+
+def test_exposure_head_learns_whole_slices_from_patches_and_inversions():
+    """Trained on slices vs their patches/inversions (ood_sets.exposure_negatives), it scores
+    new slices high and new patches/inversions low, and the guard refuses on that score."""
+    pos_emb, pos_feat = _exposure_rows(range(60), _embed)
+    negatives = list(ood_sets.exposure_negatives([synthetic_slice(160, s) for s in range(60)]))
+    neg_inputs = [load_scan(png, 64) for png in negatives]
+    neg_feat = [ood.image_features(x, png) for x, png in zip(neg_inputs, negatives)]
+    neg_table = {name: np.array([f[name] for f in neg_feat]) for name in neg_feat[0]}
+    neg_emb = np.stack([_embed(x) for x in neg_inputs])
+    head = ood.fit_exposure(ood.Exposure.inputs(pos_emb, pos_feat), ood.Exposure.inputs(neg_emb, neg_table))
+
+    new_emb, new_feat = _exposure_rows(range(100, 120), _embed)
+    inv_emb, inv_feat = _exposure_rows(range(100, 120), _embed, alter=lambda g: 255 - g)
+    patch_emb, patch_feat = _exposure_rows(range(100, 120), _embed, alter=lambda g: g[50:90, 60:100])
+    whole, inverted, patch = (head.score(e, f) for e, f in
+                              ((new_emb, new_feat), (inv_emb, inv_feat), (patch_emb, patch_feat)))
+    assert whole.min() > max(inverted.max(), patch.max()), (whole, inverted, patch)
+
+    val_emb, val_feat = _exposure_rows(range(200, 240), _embed)
+    train = np.concatenate([pos_emb, pos_emb])
+    guard = ood.fit_guard(val_feat, train, np.repeat(np.arange(4), 30), val_emb, exposure=head)
+    low, high = guard.bounds["mri_likeness"]
+    assert high is None and low is not None
+    restored = ood.OODGuard.from_metadata(guard.to_metadata())
+    assert restored.exposure is not None
+    np.testing.assert_allclose(restored.exposure.score(inv_emb, inv_feat), inverted, atol=1e-3)
+    refused = [restored.check({**{k: v[i] for k, v in inv_feat.items()},
+                               **{k: v[i] for k, v in restored.model_scores(inv_emb, inv_feat).items()}})
+               for i in range(len(inv_emb))]
+    assert all("mri_likeness" in verdict.reasons for verdict in refused)
+
+
+def test_exposure_negatives_are_patches_and_inversions():
+    """Two PNGs per slice: a patch of 20-45 % of each side, and the inverted slice."""
+    greys = [synthetic_slice(160, seed) for seed in range(5)]
+    pngs = list(ood_sets.exposure_negatives(greys))
+    assert len(pngs) == 10
+    for grey, patch_png, inverted_png in zip(greys, pngs[::2], pngs[1::2]):
+        patch = cv2.imdecode(np.frombuffer(patch_png, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert 0.19 * 160 <= patch.shape[0] <= 0.46 * 160
+        inverted = cv2.imdecode(np.frombuffer(inverted_png, np.uint8), cv2.IMREAD_GRAYSCALE)
+        np.testing.assert_array_equal(inverted, 255 - grey)
+
+
 def test_colour_is_measured_on_the_upload_not_the_grey_input():
     grey = encode(cv2.cvtColor(synthetic_slice(), cv2.COLOR_GRAY2BGR), ".jpg")
     colour = encode(cv2.applyColorMap(synthetic_slice(), cv2.COLORMAP_JET), ".jpg")
