@@ -32,7 +32,8 @@ def predict() -> ResponseReturnValue:
     :raise 413: body over MAX_CONTENT_LENGTH, or image over BRAINMRI_MAX_PIXELS
     :raise 415: extension not allowed, an image type other than PNG/JPEG/DICOM, or a DICOM
         compression with no decoder installed
-    :raise 422: `not_brain_mri`, the input does not look like a brain MRI slice (no class given)
+    :raise 422: `not_brain_mri`, the input does not look like a brain MRI slice, or
+        `wrong_modality`, a DICOM whose header names another modality than MR (no class given)
     :raise 503: the model is not available
 
     `model` (form field or query) picks one of the served models (GET /api/v1/models); the
@@ -67,8 +68,9 @@ def predict_batch() -> ResponseReturnValue:
 
     Each result carries the file's position (`index`, from 0) and either the prediction or the
     `error` that one file got, so one bad file never fails the others; filenames are never
-    echoed. Every file goes through `uploads.classify`, like a single upload (screening,
-    calibration, "uncertain" flag). The disclaimer and the model block are given once.
+    echoed. Every file takes the single upload's path (`inference.py`: screening, calibration,
+    "uncertain" flag), all of them in one forward pass. The disclaimer and the model block are
+    given once.
 
     :raise 400: no `files` part, or `unknown_model`
     :raise 413: more files than BRAINMRI_BATCH_MAX_FILES, or body over MAX_CONTENT_LENGTH
@@ -77,20 +79,30 @@ def predict_batch() -> ResponseReturnValue:
     files = uploads.read_batch(int(current_app.config["BRAINMRI_BATCH_MAX_FILES"]))
     model = uploads.requested_model()
     predictor = uploads.current_predictor(model)  # an unknown name fails the whole batch
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any] | None] = [None] * len(files)
+    accepted: list[tuple[int, bytes]] = []
     for index, upload in enumerate(files):
         try:
             uploads.check_extension(upload.filename)
-            prediction = uploads.classify(upload.read(), model=model).prediction
-        except (UploadError, ImageError) as error:  # ImageError includes NotBrainMRI
-            error_body = {"code": error.code, "message": error.message}
-            results.append({"index": index, "error": error_body})
+        except UploadError as error:
+            results[index] = _item_error(index, error)
             continue
-        item = prediction.to_dict()
+        accepted.append((index, upload.read()))
+    outcomes = uploads.classify_batch([data for _, data in accepted], model=model)
+    for (index, _), outcome in zip(accepted, outcomes):
+        if outcome.error is not None:  # refusals (not_brain_mri, wrong_modality) included
+            results[index] = _item_error(index, outcome.error)
+            continue
+        item = outcome.prediction.to_dict()
         del item["disclaimer"]  # once, at the top level
-        results.append({"index": index, **item})
+        results[index] = {"index": index, **item}
     log_batch(len(files), [item["error"]["code"] for item in results if "error" in item])
     return jsonify(results=results, model=predictor.card.summary, disclaimer=DISCLAIMER)
+
+
+def _item_error(index: int, error: UploadError | ImageError) -> dict[str, Any]:
+    """One batch item's error body: its position, stable code and user-facing message."""
+    return {"index": index, "error": {"code": error.code, "message": error.message}}
 
 
 @bp.get("/healthz")

@@ -2,8 +2,14 @@
 
 Only the pixels come out. Patient names, ids, dates and every other attribute stay inside the
 dataset object, which is dropped when `decode_dicom` returns; error messages are fixed text and
-never quote a tag value. The header is read and checked (size, frames, colour model, transfer
-syntax) before any pixel data is read or decompressed.
+never quote a tag value. The header is read and checked (modality, size, frames, colour model,
+transfer syntax) before any pixel data is read or decompressed.
+
+A file whose Modality (0008,0060) names anything but MR (CT, X-ray, ultrasound, PET, ...) is
+refused with `wrong_modality`: the header says for certain what the image is, so there is no
+need to let the out-of-distribution guard guess. The message names the modality from a fixed
+table of DICOM codes and never echoes the header's own text. A file with no Modality goes on
+to the image checks like a PNG.
 
 Grayscale pixels go through the modality LUT (rescale slope/intercept) and then the first VOI
 LUT or window centre/width, as a viewer would display them; without a VOI the full value range
@@ -21,11 +27,45 @@ import numpy as np
 
 from .imaging import ImageError
 
-__all__ = ["decode_dicom"]
+__all__ = ["MODALITY_NAMES", "decode_dicom"]
 
 _EXPORT_HINT = "Export the slice uncompressed (Explicit VR Little Endian) or as a PNG."
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+# DICOM modality codes (PS3.3 C.7.3.1.1.1, PS3.16 CID 29/33) that hold images, in plain words
+# for the `wrong_modality` message; only text from this table ever reaches a user.
+MODALITY_NAMES = {
+    "MR": "magnetic resonance",
+    "CT": "computed tomography",
+    "CR": "computed radiography X-ray",
+    "DX": "digital radiography X-ray",
+    "RG": "radiographic X-ray",
+    "IO": "intra-oral dental X-ray",
+    "PX": "panoramic dental X-ray",
+    "MG": "mammography",
+    "RF": "fluoroscopy X-ray",
+    "XA": "X-ray angiography",
+    "BMD": "bone densitometry",
+    "US": "ultrasound",
+    "IVUS": "intravascular ultrasound",
+    "PT": "PET, positron emission tomography",
+    "NM": "nuclear medicine",
+    "OT": "other modality",
+    "XC": "external-camera photography",
+    "ES": "endoscopy",
+    "OP": "ophthalmic photography",
+    "OPT": "ophthalmic tomography",
+    "IVOCT": "intravascular optical coherence tomography",
+    "SM": "slide microscopy",
+    "GM": "general microscopy",
+    "DG": "diaphanography",
+    "TG": "thermography",
+    "RTIMAGE": "radiotherapy portal imaging",
+    "SEG": "segmentation",
+}
+# Letters whose spoken name starts with a vowel sound take "an": "an MG", "a CT", "a US".
+_AN_LETTERS = frozenset("AEFHILMNORSX")
 
 
 def _pydicom():
@@ -54,12 +94,38 @@ def _read(data: bytes, header_only: bool):
         raise _damaged() from exc
 
 
+def _check_modality(ds) -> None:
+    """Refuse a header whose Modality is present and is not MR; a missing one passes.
+
+    Raises:
+        ImageError: `wrong_modality`, naming the modality from MODALITY_NAMES only.
+    """
+    try:
+        value = ds.get("Modality")
+    except Exception as exc:  # a damaged element
+        raise _damaged() from exc
+    # A malformed multi-valued Modality has no single code: it is simply "not MR".
+    code = str(value).strip().upper() if isinstance(value, str) else ("?" if value else "")
+    if not code or code == "MR":
+        return
+    name = MODALITY_NAMES.get(code)
+    if name is None:  # unknown or damaged: say so without quoting the header's text
+        what = "not an MR (magnetic resonance) image (its header names another modality)"
+    else:
+        article = "an" if code[0] in _AN_LETTERS else "a"
+        what = f"{article} {code} ({name}) image"
+    raise ImageError(
+        "wrong_modality",
+        f"This DICOM file is {what}; BrainMRI only reads MR brain slices.",
+    )
+
+
 def _check_header(ds, max_pixels: int) -> tuple[int, str]:
     """Validate the header; return (samples per pixel, photometric interpretation).
 
     Raises:
-        ImageError: not an image, too large, multi-frame, unsupported colour model or a
-            compressed transfer syntax with no decoder installed.
+        ImageError: not an image, not MR, too large, multi-frame, unsupported colour model or
+            a compressed transfer syntax with no decoder installed.
     """
     from pydicom.pixels import get_decoder
 
@@ -69,6 +135,8 @@ def _check_header(ds, max_pixels: int) -> tuple[int, str]:
             "The DICOM file holds no image (it may be a report, a structured document or a "
             "presentation state). Upload the image series' slice instead.",
         )
+    # Before the size and frame checks: "this is a CT" is the answer that helps most.
+    _check_modality(ds)
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -142,7 +210,8 @@ def decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         inverted), or the luma of a colour image.
 
     Raises:
-        ImageError: damaged, non-image, multi-frame, oversized or undecodable input.
+        ImageError: damaged, non-image, non-MR (`wrong_modality`), multi-frame, oversized or
+            undecodable input.
     """
     samples, photometric = _check_header(_read(data, header_only=True), max_pixels)
     ds = _read(data, header_only=False)

@@ -35,6 +35,8 @@ IMAGE_ERROR_STATUS = {
     "image_too_large": 413,
     "multi_frame": 400,
     "not_brain_mri": 422,  # decoded fine, but the OOD guard says it is not a brain MRI slice
+    # A refusal like not_brain_mri, only certain: the DICOM header names another modality (CT, …).
+    "wrong_modality": 422,
 }
 
 # Status -> (code, title, message) for HTTP errors raised by Flask/Werkzeug themselves.
@@ -77,6 +79,8 @@ _NEXT_STEPS_BY_CODE = {
     "kinds of scan (CT, X-ray), colour images and inverted or cut-out slices are refused.",
     "multi_frame": "Export the single slice you want analysed from your viewer or PACS, then "
     "upload that file.",
+    "wrong_modality": "Go back and upload a slice from an MR series of the head. CT, X-ray, "
+    "ultrasound, PET and other kinds of scan are refused.",
 }
 
 

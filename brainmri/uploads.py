@@ -1,5 +1,9 @@
 """From a multipart upload to a prediction: the work the result page and the JSON API share.
 
+The classification itself (guard, calibration, "uncertain" flag) is `inference.py`'s, the path
+`brainmri predict` takes too; this module adds the request side: the model a request names,
+the app's configured default threshold and the log line.
+
 The uploaded bytes stay in memory (security.InMemoryRequest) and are dropped after the request.
 The client's filename is consulted only for its extension and is never stored, shown or logged.
 The real type is decided by the magic bytes and the decoder in imaging.py, not by the extension
@@ -9,15 +13,17 @@ or the Content-Type header (OWASP File Upload Cheat Sheet).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from dataclasses import replace
 
 import numpy as np
 from flask import current_app
 from flask import request
 from werkzeug.datastructures import FileStorage
 
+from . import inference
 from .errors import UploadError
+from .inference import Outcome
 from .logs import log_prediction
 from .modelcard import ModelError
 from .predictor import EXTENSION_KEY
@@ -36,6 +42,7 @@ __all__ = [
     "Classified",
     "check_extension",
     "classify",
+    "classify_batch",
     "current_predictor",
     "read_batch",
     "read_upload",
@@ -157,8 +164,8 @@ def current_predictor(name: str | None = None) -> Predictor:
 
 def uncertain_below(predictor=None) -> float:
     """The fitted "uncertain" threshold from the model metadata, else BRAINMRI_UNCERTAIN_BELOW."""
-    fitted = getattr(predictor or current_predictor(), "uncertain_below", None)
-    return float(current_app.config["BRAINMRI_UNCERTAIN_BELOW"] if fitted is None else fitted)
+    return inference.uncertain_threshold(predictor or current_predictor(),
+                                         current_app.config["BRAINMRI_UNCERTAIN_BELOW"])
 
 
 def classify(data: bytes, explain: bool = False, model: str | None = None) -> Classified:
@@ -168,14 +175,28 @@ def classify(data: bytes, explain: bool = False, model: str | None = None) -> Cl
     predicted class comes along.
 
     Raises:
-        ImageError: the bytes are not a usable image (mapped to 400/413/415 by errors.py), or
-            `NotBrainMRI` (422): the out-of-distribution guard refused it, so no class is given.
+        ImageError: the bytes are not a usable image (mapped to 400/413/415 by errors.py), or a
+            refusal (422, no class given): `NotBrainMRI` from the out-of-distribution guard, or
+            `wrong_modality`, a DICOM whose header names another modality than MR.
         ModelError: the model cannot be loaded (503).
     """
     predictor = current_predictor(model)
-    model_input = predictor.prepare(data)
-    prediction = predictor.predict_checked(model_input, data)
-    prediction = replace(prediction, uncertain=prediction.confidence < uncertain_below(predictor))
+    prediction, model_input = inference.classify_one(predictor, data, uncertain_below(predictor))
     explanation = predictor.explain(model_input, prediction.label) if explain else None
     log_prediction(data, prediction.label)
     return Classified(prediction, model_input, explanation, predictor.card.summary)
+
+
+def classify_batch(files: Sequence[bytes], model: str | None = None) -> list[Outcome]:
+    """Classify several uploads' bytes in one forward pass; one outcome per file, in order.
+
+    Raises:
+        ModelError: the model cannot be loaded (503).
+        UploadError: 400 `unknown_model`.
+    """
+    predictor = current_predictor(model)
+    outcomes = inference.classify_many(predictor, files, uncertain_below(predictor))
+    for data, outcome in zip(files, outcomes):
+        if outcome.prediction is not None:
+            log_prediction(data, outcome.prediction.label)
+    return outcomes

@@ -113,18 +113,32 @@ class FakePredictor:
         return self.predict(self.prepare(data))
 
     # The trust layer (issue 5): no fitted threshold unless a test sets one; the guard refuses
-    # only when a test sets `refuse` to a Verdict-like reason tuple.
+    # only when a test sets `refuse` to a Verdict-like reason tuple (or overrides `reasons`).
     uncertain_below = None
     refuse: tuple[str, ...] = ()
 
+    def reasons(self, image: np.ndarray, data: bytes | None) -> tuple[str, ...]:
+        """The guard's reasons to refuse one input: `refuse` for every input (tests override)."""
+        return tuple(self.refuse)
+
     def predict_checked(self, image: np.ndarray, data: bytes | None = None) -> Prediction:
-        """Like predict, but refuse with NotBrainMRI when `refuse` names reasons."""
+        """Like predict, but refuse with NotBrainMRI when `reasons` names any."""
+        result = self.predict_checked_batch([image], [data])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def predict_checked_batch(self, images, data=None, guard: bool = True) -> list:
+        """Per input a Prediction, or the NotBrainMRI refusal (returned) when the guard is on."""
         from brainmri.ood import NotBrainMRI
         from brainmri.ood import Verdict
 
-        if self.refuse:
-            raise NotBrainMRI(Verdict(True, tuple(self.refuse), {}))
-        return self.predict(image)
+        raw = list(data) if data is not None else [None] * len(images)
+        results = []
+        for image, upload in zip(images, raw):
+            reasons = self.reasons(image, upload) if guard else ()
+            results.append(NotBrainMRI(Verdict(True, reasons, {})) if reasons else self.predict(image))
+        return results
 
     def explain(self, image: np.ndarray, label: str | None = None) -> Explanation:
         """A fixed heatmap of the input's shape: a bright square in the middle."""

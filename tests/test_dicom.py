@@ -227,19 +227,159 @@ def test_cli_predict_folder_with_dicom(tmp_path, monkeypatch):
     (folder / "volume.dcm").write_bytes(dicom_bytes(synthetic_slice(), frames=4))
     (folder / "jls.dcm").write_bytes(dicom_bytes(synthetic_slice(), transfer_syntax=JPEG_LS_LOSSLESS))
     (folder / "broken.dcm").write_bytes(dicom_bytes(synthetic_slice())[:300])
-    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    (folder / "notes.txt").write_text("skipped: not an image suffix")
+    (folder / "ct.dcm").write_bytes(dicom_bytes(synthetic_slice(), Modality="CT"))
     model = tmp_path / "model.h5"
     model.write_bytes(b"unused")
     out = tmp_path / "out.csv"
     result = CliRunner().invoke(cli, ["predict", str(folder), "--csv", str(out), "--model",
                                       str(model), "--batch-size", "2"])
     assert result.exit_code == 0, result.output
-    assert "2 classified, 3 unreadable" in result.output
+    assert "Skipped 1 file that is not PNG, JPEG or DICOM: 1 .txt" in result.output
+    assert "2 classified (0 uncertain), 1 refused, 3 unreadable, 1 skipped" in result.output
     rows = {row["path"]: row for row in csv.DictReader(out.open())}
-    assert len(rows) == 5
+    assert len(rows) == 6
+    ct = rows[str(folder / "ct.dcm")]
+    assert ct["refused"] == "true" and ct["label"] == "" and ct["error"] == ""
+    assert "CT (computed tomography)" in ct["reason"]
     assert rows[str(folder / "a.dcm")]["label"] == "glioma"
     assert rows[str(folder / "sub" / "b.png")]["label"] in CLASSES
     assert "several frames" in rows[str(folder / "volume.dcm")]["error"]
     assert "no decoder" in rows[str(folder / "jls.dcm")]["error"]
     assert rows[str(folder / "broken.dcm")]["error"]
     assert_no_tags(out.read_text() + result.output)
+
+
+def without_modality(data: bytes) -> bytes:
+    """The same DICOM file with its Modality element removed."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.Modality
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+CT_MESSAGE = ("This DICOM file is a CT (computed tomography) image; BrainMRI only reads MR "
+              "brain slices.")
+
+OTHER_MODALITIES = [
+    ("CT", "a CT (computed tomography) image"),
+    ("US", "a US (ultrasound) image"),
+    ("CR", "a CR (computed radiography X-ray) image"),
+    ("DX", "a DX (digital radiography X-ray) image"),
+    ("MG", "an MG (mammography) image"),
+    ("PT", "a PT (PET, positron emission tomography) image"),
+    ("NM", "an NM (nuclear medicine) image"),
+    ("XA", "an XA (X-ray angiography) image"),
+    ("OT", "an OT (other modality) image"),
+]
+
+
+@pytest.mark.parametrize(("modality", "phrase"), OTHER_MODALITIES)
+def test_other_modalities_are_refused_naming_the_modality(modality, phrase):
+    """CT, X-ray, ultrasound, PET, ...: refused as `wrong_modality`, in plain words."""
+    with pytest.raises(ImageError) as caught:
+        decode_image(dicom_bytes(synthetic_slice(), Modality=modality))
+    assert caught.value.code == "wrong_modality"
+    expected = f"This DICOM file is {phrase}; BrainMRI only reads MR brain slices."
+    assert caught.value.message == expected
+    assert_no_tags(caught.value.message)
+
+
+def test_ct_message_and_pydicoms_own_ct_slice():
+    """The wording for CT, on a synthetic file and on pydicom's bundled CT slice."""
+    from pydicom.data import get_testdata_file
+
+    bundled = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    for data in (dicom_bytes(ramp(), Modality="CT"), bundled):
+        with pytest.raises(ImageError) as caught:
+            load_scan(data, 32)
+        assert (caught.value.code, caught.value.message) == ("wrong_modality", CT_MESSAGE)
+
+
+def test_unknown_modality_is_refused_without_echoing_the_header():
+    """A code outside the table is still "not MR", and the header's text is never quoted."""
+    with pytest.raises(ImageError) as caught:
+        decode_image(dicom_bytes(synthetic_slice(), Modality="ZQX"))
+    assert caught.value.code == "wrong_modality"
+    assert "ZQX" not in caught.value.message
+    assert "not an MR (magnetic resonance) image" in caught.value.message
+
+
+def test_mr_and_missing_modality_go_on_to_the_image_checks():
+    """MR decodes as before; no Modality (or an empty one) is treated like any image."""
+    pixels = synthetic_slice()
+    mr = dicom_bytes(pixels)
+    missing = without_modality(mr)
+    import pydicom
+
+    assert "Modality" not in pydicom.dcmread(io.BytesIO(missing))
+    for data in (mr, missing, dicom_bytes(pixels, Modality="")):
+        np.testing.assert_array_equal(decode_image(data), pixels.astype(np.float32))
+    # ... and the image checks still apply to them.
+    with pytest.raises(ImageError) as caught:
+        decode_image(without_modality(dicom_bytes(pixels, frames=2)))
+    assert caught.value.code == "multi_frame"
+
+
+def test_modality_is_read_from_the_header_before_any_pixel(monkeypatch):
+    """The refusal comes before the pixel data is decoded and before the frame check."""
+    import pydicom.dataset
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pixels decoded")
+
+    data = dicom_bytes(synthetic_slice(), frames=3, Modality="CT")
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(forbidden))
+    with pytest.raises(ImageError) as caught:
+        decode_image(data)
+    assert caught.value.code == "wrong_modality"
+
+
+def test_api_and_page_refuse_another_modality_as_a_refusal(app, client, pages, caplog):
+    """422 `wrong_modality` from the API and the page, like the guard's refusal; no tag leaks."""
+    caplog.set_level(logging.DEBUG)
+    app.config["BRAINMRI_CSRF_ENABLED"] = False
+    cases = (("CT", "a CT (computed tomography) image"), ("US", "a US (ultrasound) image"))
+    for modality, phrase in cases:
+        data = dicom_bytes(synthetic_slice(), Modality=modality)
+        response = post_api(client, data)
+        assert response.status_code == 422
+        body = response.get_json()
+        assert body["error"]["code"] == "wrong_modality" and phrase in body["error"]["message"]
+        assert "label" not in body and "probabilities" not in body
+        page = pages.upload(data, "scan.dcm")
+        assert page.status_code == 422
+        html = page.get_data(as_text=True)
+        assert phrase in html and "upload a slice from an MR series" in html
+        assert 'data-code="wrong_modality"' in html and 'data-class="glioma"' not in html
+        assert_no_tags(response.get_data(as_text=True) + html)
+    assert_no_tags(caplog.text)
+
+
+def test_api_classifies_mr_and_missing_modality(client):
+    """MR and a file with no Modality are classified as before."""
+    mr = dicom_bytes(synthetic_slice())
+    for data in (mr, without_modality(mr)):
+        response = post_api(client, data)
+        assert response.status_code == 200
+        assert response.get_json()["label"] == "glioma"
+
+
+def test_batch_api_refuses_another_modality_per_file(client, predictor):
+    """In a batch, the non-MR files get the refusal and the others their class."""
+    mr = dicom_bytes(synthetic_slice(seed=1))
+    files = [(mr, "a.dcm"), (dicom_bytes(synthetic_slice(), Modality="CT"), "b.dcm"),
+             (without_modality(mr), "c.dcm"),
+             (dicom_bytes(synthetic_slice(), Modality="US"), "d.dcm")]
+    form = {"files": [(io.BytesIO(data), name) for data, name in files]}
+    response = client.post("/api/v1/predict/batch", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert [item.get("label") for item in results] == ["glioma", None, "glioma", None]
+    assert results[1]["error"] == {"code": "wrong_modality", "message": CT_MESSAGE}
+    assert results[3]["error"]["code"] == "wrong_modality"
+    assert "US (ultrasound)" in results[3]["error"]["message"]
+    assert predictor.calls == 2
