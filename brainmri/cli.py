@@ -10,7 +10,9 @@ import csv
 import json
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -22,6 +24,9 @@ from .config import DEFAULTS
 from .config import PROJECT_ROOT
 from .modelcard import CLASSES
 from .modelcard import ModelError
+
+if TYPE_CHECKING:
+    from .inference import Outcome
 
 __all__ = ["cli"]
 
@@ -73,22 +78,30 @@ def _reproducible_command(ctx: click.Context) -> str:
         value = ctx.params[param.name]
         if getattr(param, "is_flag", False):
             parts += [param.opts[0]] if value else []
+        elif getattr(param, "multiple", False):
+            for item in value:
+                parts += [param.opts[0], str(item)]
         else:
             parts += [param.opts[0], str(value)]
     return shlex.join(parts)
 
 
-def _with_cache_progress(data: Path, label: str):
-    """A progress bar sized to the number of images under `data` and its update callback."""
+def _with_cache_progress(data: Path | tuple[Path, ...], label: str):
+    """A progress bar sized to the number of images under the data root(s), and its callback."""
     from .dataset import discover
 
-    bar = _progress_bar(len(discover(data)), label)
+    roots = [data] if isinstance(data, Path) else list(data)
+    bar = _progress_bar(sum(len(discover(root)) for root in roots), label)
     return bar, bar.update
 
 
+_DATA_HELP = ("Data set folder (repeat for several collections): Training/<class>/ and "
+              "Testing/<class>/, or <class>/ folders; a slices.csv with slice,patient columns "
+              "makes the split go by patient.")
+
+
 @cli.command("train", with_appcontext=False)
-@click.option("--data", type=_DIR, required=True,
-              help="Data set folder: Training/<class>/ and Testing/<class>/, or <class>/ folders.")
+@click.option("--data", type=_DIR, required=True, multiple=True, help=_DATA_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=MODEL_DIR, show_default=True, help="Where to write the model.")
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True,
@@ -98,6 +111,8 @@ def _with_cache_progress(data: Path, label: str):
                    "imagenet-lite0 (offline, efficientnet_lite0) or a local weights file.")
 @click.option("--name", default=None, help="Model file stem [default: brainmri_<arch>].")
 @click.option("--epochs", default=60, show_default=True, help="Upper bound; early stopping ends sooner.")
+@click.option("--epoch-images", default=3072, show_default=True,
+              help="Images per epoch, drawn equally from every (collection, class) cell.")
 @click.option("--max-minutes", default=28.0, show_default=True,
               help="Wall-clock budget for the training loop (stops after the epoch that crosses it).")
 @click.option("--size", default=128, show_default=True, help="Square input side in pixels.")
@@ -111,8 +126,8 @@ def _with_cache_progress(data: Path, label: str):
               help="Also keep out of training every image with a near-duplicate in Testing/.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Preprocessed-image cache [default: $BRAINMRI_CACHE or ./.cache/brainmri].")
-def train_command(data: Path, out: Path, arch: str, weights: str, name: str | None, epochs: int,
-                  max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
+def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, name: str | None,
+                  epochs: int, epoch_images: int, max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
                   cache_dir: Path | None) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
@@ -129,18 +144,18 @@ def train_command(data: Path, out: Path, arch: str, weights: str, name: str | No
         arch=arch, weights=None if weights == "none" else weights,
         name=name or f"brainmri_{arch}",
         size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        max_minutes=max_minutes,
+        max_minutes=max_minutes, epoch_images=epoch_images,
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )
-    from .dataset import load_dataset
+    from .dataset import load_datasets
 
     # Decode and preprocess once (cached), under a progress bar, before Keras prints epochs.
     bar, update = _with_cache_progress(data, "Preprocessing images")
     with bar:
-        load_dataset(data, size, cache_dir=cache_dir, progress=update)
+        load_datasets(data, size, cache_dir=cache_dir, progress=update)
     command = _reproducible_command(click.get_current_context())
-    result = training.train(data, out, config, cache_dir=cache_dir, command=command)
+    result = training.train(list(data), out, config, cache_dir=cache_dir, command=command)
     click.echo(f"Wrote {result.model_path} ({result.model_path.stat().st_size / 1e6:.2f} MB), "
                f"{result.metadata_path.name}, {result.history_path.name}, {result.splits_path.name}")
     click.echo(f"Training took {result.wall_seconds / 60:.1f} min, {result.epochs_run} epochs "
@@ -151,7 +166,9 @@ def train_command(data: Path, out: Path, arch: str, weights: str, name: str | No
 
 
 @cli.command("evaluate", with_appcontext=False)
-@click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
+@click.option("--data", type=_DIR, required=True, multiple=True,
+              help="Data set folder (repeat for several); collections the model never trained "
+                   "on are scored as unseen.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help=_MODEL_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -159,7 +176,7 @@ def train_command(data: Path, out: Path, arch: str, weights: str, name: str | No
 @click.option("--write-metadata", is_flag=True,
               help="Store the headline figures in the model's metadata JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def evaluate_command(data: Path, model_path: Path | None, out: Path, write_metadata: bool,
+def evaluate_command(data: tuple[Path, ...], model_path: Path | None, out: Path, write_metadata: bool,
                      cache_dir: Path | None) -> None:
     """Write metrics.json and plots (confusion, ROC, confidence, reliability, training curves)."""
     model_path = _model_or_default(model_path)
@@ -168,11 +185,22 @@ def evaluate_command(data: Path, model_path: Path | None, out: Path, write_metad
 
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
-        report = evaluation.evaluate(model_path, data, out, cache_dir=cache_dir, progress=update)
+        report = evaluation.evaluate(model_path, list(data), out, cache_dir=cache_dir,
+                                     progress=update)
     for name, metrics in report["sets"].items():
         recall = {c: metrics["per_class"][c]["recall"] for c in CLASSES}
-        click.echo(f"{name:>20}: n={metrics['images']:4d} accuracy={metrics['accuracy']:.4f} "
-                   f"macro-F1={metrics['macro_f1']:.4f} ECE={metrics['ece']:.4f} recall={recall}")
+        binary = metrics["tumor_vs_no_tumor"]
+        click.echo(f"{name:>26}: n={metrics['images']:5d} accuracy={metrics['accuracy']:.4f} "
+                   f"macro-F1={metrics['macro_f1']:.4f} ECE={metrics['ece']:.4f} "
+                   f"tumour sensitivity={binary['sensitivity']} specificity={binary['specificity']} "
+                   f"recall={recall}")
+        for sequence, figures in metrics["by_sequence"].items():
+            click.echo(f"{'':>26}  {sequence:>5}: n={figures['images']:5d} "
+                       f"accuracy={figures['accuracy']:.4f} sensitivity={figures['sensitivity']} "
+                       f"specificity={figures['specificity']}")
+    for name, pointing in report["pointing"].items():
+        click.echo(f"{name:>26}: Grad-CAM pointing {pointing['pointing']:.4f} on "
+                   f"{pointing['slices']} tumour slices {pointing['by_sequence']}")
     _echo_trust(report.get("trust") or {})
     click.echo(f"Wrote {out / 'metrics.json'} and {len(report['plots'])} plots")
     if write_metadata:
@@ -181,8 +209,11 @@ def evaluate_command(data: Path, model_path: Path | None, out: Path, write_metad
         meta["evaluation"] = {
             name: {key: m[key] for key in ("images", "accuracy", "macro_f1", "ece")}
             | {"recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
+            | {key: m["tumor_vs_no_tumor"][key] for key in ("sensitivity", "specificity")}
+            | {"by_sequence": m["by_sequence"]}
             for name, m in report["sets"].items()
         }
+        meta["pointing"] = report["pointing"]
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         click.echo(f"Updated {meta_path}")
 
@@ -218,7 +249,8 @@ def _echo_trust(trust: dict) -> None:
 
 
 @cli.command("compare", with_appcontext=False)
-@click.option("--data", type=_DIR, required=True, help="Data set folder the models were trained on.")
+@click.option("--data", type=_DIR, required=True, multiple=True,
+              help="Data set folder (repeat for several collections).")
 @click.option("--model", "model_paths", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A model to compare (repeatable) [default: every model in model/].")
@@ -227,7 +259,7 @@ def _echo_trust(trust: dict) -> None:
 @click.option("--latency-runs", default=50, show_default=True,
               help="Single-image forward passes timed per model (the median is reported).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def compare_command(data: Path, model_paths: tuple[Path, ...], out: Path, latency_runs: int,
+def compare_command(data: tuple[Path, ...], model_paths: tuple[Path, ...], out: Path, latency_runs: int,
                     cache_dir: Path | None) -> None:
     """Measure every model on identical splits: compare.md table, compare.json, compare.png."""
     from .compare import ComparisonError
@@ -239,7 +271,7 @@ def compare_command(data: Path, model_paths: tuple[Path, ...], out: Path, latenc
     bar, update = _with_cache_progress(data, "Loading images")
     try:
         with bar:
-            report = compare(paths, data, out, cache_dir=cache_dir, progress=update,
+            report = compare(paths, list(data), out, cache_dir=cache_dir, progress=update,
                              latency_runs=latency_runs)
     except (ComparisonError, ModelError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -248,13 +280,14 @@ def compare_command(data: Path, model_paths: tuple[Path, ...], out: Path, latenc
 
 
 @cli.command("calibrate", with_appcontext=False)
-@click.option("--data", type=_DIR, required=True, help="Data set folder the model was trained on.")
+@click.option("--data", type=_DIR, required=True, multiple=True,
+              help="Data set folder(s) the model was trained on (repeat for several).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help=_MODEL_HELP)
 @click.option("--target-accuracy", default=0.98, show_default=True,
               help="Accuracy that predictions not flagged 'uncertain' must reach on validation.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def calibrate_command(data: Path, model_path: Path | None, target_accuracy: float,
+def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_accuracy: float,
                       cache_dir: Path | None) -> None:
     """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
     from . import trust
@@ -262,7 +295,7 @@ def calibrate_command(data: Path, model_path: Path | None, target_accuracy: floa
     model_path = _model_or_default(model_path)
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
-        result = trust.calibrate(model_path, data, cache_dir=cache_dir,
+        result = trust.calibrate(model_path, list(data), cache_dir=cache_dir,
                                  target_accuracy=target_accuracy, progress=update)
     c, o = result["calibration"], result["ood"]
     click.echo(f"Temperature {c['temperature']:.4f} (val NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
@@ -275,6 +308,60 @@ def calibrate_command(data: Path, model_path: Path | None, target_accuracy: floa
     click.echo(f"Val refusal rate {o['val_refusal_rate']:.4f}; updated {result['metadata']}")
 
 
+def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:
+    """Files to classify, and a count per suffix of the other files found in folders.
+
+    Folders are searched recursively (sorted) and filtered with the page's and the API's
+    extension allow-list; the other files are counted (".webp": 2, "(no extension)": 1). A file
+    named on the command line is always tried, since its content decides, as for an upload.
+    """
+    from .uploads import ALLOWED_EXTENSIONS
+
+    accepted: list[Path] = []
+    skipped: Counter[str] = Counter()
+    for path in paths:
+        if not path.is_dir():
+            accepted.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            if not child.is_file():
+                continue
+            suffix = child.suffix.lower()
+            if suffix in ALLOWED_EXTENSIONS:
+                accepted.append(child)
+            else:
+                skipped[suffix or "(no extension)"] += 1
+    return accepted, skipped
+
+
+def _skipped_text(skipped: Counter[str]) -> str:
+    """'Skipped 3 files that are not PNG, JPEG or DICOM: 2 .webp, 1 .txt', most common first."""
+    total = sum(skipped.values())
+    kinds = ", ".join(f"{count} {suffix}" for suffix, count in
+                      sorted(skipped.items(), key=lambda item: (-item[1], item[0])))
+    files = "file that is" if total == 1 else "files that are"
+    return (f"Skipped {total} {files} not PNG, JPEG or DICOM: {kinds} "
+            "(name a file on the command line to try it anyway).")
+
+
+PREDICT_COLUMNS = ["path", "label", "confidence", *CLASSES, "tumor_probability", "error",
+                   "refused", "reason", "uncertain"]
+
+
+def _csv_row(path: Path, outcome: Outcome) -> list[str]:
+    """One CSV row: a prediction, a refusal (no class, refused=true, the reason) or an error."""
+    prediction = outcome.prediction
+    if prediction is not None:
+        return [str(path), prediction.label, f"{prediction.confidence:.6f}",
+                *(f"{prediction.probabilities[c]:.6f}" for c in CLASSES),
+                f"{prediction.tumor_probability:.6f}", "", "false", "",
+                "true" if prediction.uncertain else "false"]
+    no_class = [""] * (len(CLASSES) + 3)  # label, confidence, probabilities, tumor_probability
+    if outcome.refused:
+        return [str(path), *no_class, "", "true", outcome.message, ""]
+    return [str(path), *no_class, outcome.message, "false", "", ""]
+
+
 @cli.command("predict", with_appcontext=False)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -282,40 +369,62 @@ def calibrate_command(data: Path, model_path: Path | None, target_accuracy: floa
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help=_MODEL_HELP)
 @click.option("--batch-size", default=32, show_default=True)
+@click.option("--no-guard", is_flag=True,
+              help="Research use: give a class even to files the out-of-distribution guard "
+                   "would refuse (a DICOM of another modality than MR is still refused).")
 def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | None,
-                    batch_size: int) -> None:
-    """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV; bad files get an error row."""
-    from .dataset import iter_image_files
-    from .imaging import ImageError
+                    batch_size: int, no_guard: bool) -> None:
+    """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV, screened like an upload.
+
+    Each file takes the page's and the API's path (inference.py): refusals get refused=true
+    and the reason but no class, weak answers uncertain=true, and unusable files an error.
+    """
+    from . import inference
     from .predictor import Predictor
 
-    files = iter_image_files(list(paths))
+    files, skipped = _find_inputs(list(paths))
     predictor = Predictor.from_path(_model_or_default(model_path))
     predictor.load()
-    counts = {"ok": 0, "error": 0}
+    threshold = inference.uncertain_threshold(predictor, DEFAULTS["BRAINMRI_UNCERTAIN_BELOW"])
+    if no_guard:
+        click.echo("Guard off (--no-guard): files that are not brain MRI slices get a class too.",
+                   err=True)
+    elif getattr(predictor, "guard", None) is None:
+        click.echo("This model has no fitted out-of-distribution guard (run `brainmri "
+                   "calibrate`); only DICOM files of another modality are refused.", err=True)
+    counts: Counter[str] = Counter()
     with csv_path.open("w", newline="", encoding="utf-8") as handle, \
             _progress_bar(len(files), "Classifying") as bar:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *CLASSES, "tumor_probability", "error"])
+        writer.writerow(PREDICT_COLUMNS)
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            ready, arrays = [], []
-            for path in chunk:
+            outcomes: dict[int, inference.Outcome] = {}
+            read: list[tuple[int, bytes]] = []
+            for position, path in enumerate(chunk):
                 try:
-                    arrays.append(predictor.prepare(path.read_bytes()))
-                    ready.append(path)
-                except Exception as exc:  # one bad file (ImageError, OSError, …) never ends the run
-                    message = exc.message if isinstance(exc, ImageError) else type(exc).__name__
-                    writer.writerow([str(path), "", "", "", "", "", "", "", message])
-                    counts["error"] += 1
-            for path, result in zip(ready, predictor.predict_batch(arrays)):
-                writer.writerow([str(path), result.label, f"{result.confidence:.6f}",
-                                 *(f"{result.probabilities[c]:.6f}" for c in CLASSES),
-                                 f"{result.tumor_probability:.6f}", ""])
-                counts["ok"] += 1
+                    read.append((position, path.read_bytes()))
+                except OSError as exc:  # one unreadable file never ends the run
+                    outcomes[position] = inference.Outcome(error=exc)
+            # Every file of the chunk prepared, then one batched forward pass (and guard).
+            classified = inference.classify_many(predictor, [data for _, data in read], threshold,
+                                                 guard=not no_guard, isolate=True)
+            outcomes.update(zip((position for position, _ in read), classified))
+            for position, path in enumerate(chunk):
+                outcome = outcomes[position]
+                writer.writerow(_csv_row(path, outcome))
+                if outcome.prediction is not None:
+                    counts["classified"] += 1
+                    counts["uncertain"] += int(outcome.prediction.uncertain)
+                else:
+                    counts["refused" if outcome.refused else "unreadable"] += 1
             handle.flush()
             bar.update(len(chunk))
-    click.echo(f"Wrote {csv_path}: {counts['ok']} classified, {counts['error']} unreadable")
+    if skipped:
+        click.echo(_skipped_text(skipped))
+    click.echo(f"Wrote {csv_path}: {counts['classified']} classified ({counts['uncertain']} "
+               f"uncertain), {counts['refused']} refused, {counts['unreadable']} unreadable, "
+               f"{sum(skipped.values())} skipped")
 
 
 @cli.command("audit", with_appcontext=False)

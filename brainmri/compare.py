@@ -1,9 +1,12 @@
 """Side-by-side comparison of trained models on identical splits: one table, one plot.
 
 Every model is measured here, now, on the same images (not copied from each metadata file), so
-the rows are comparable: the leakage-free test split, the official Testing folder and its
-part with no near-copy in train/val. Models trained on different splits are refused, since
-their test figures would not measure the same thing.
+the rows are comparable: each collection's held-out test split (per MRI sequence where the
+collection names them), the official Testing folder's part with no near-copy in train/val, and
+the Grad-CAM pointing score. A model may have trained on fewer collections than another (the
+leave-one-collection-out baseline); a collection it never saw is scored on the same held-out
+patients. Models whose splits of a shared collection differ are refused, since their test
+figures would not measure the same thing. Rows are ordered by the registry's rule.
 """
 
 from __future__ import annotations
@@ -16,15 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import load_dataset
+from .dataset import load_datasets
+from .evaluation import binary_metrics
+from .evaluation import by_sequence
 from .evaluation import classification_metrics
 from .evaluation import eval_sets
+from .evaluation import manifest_splits
+from .evaluation import pointing_score
 from .evaluation import predict_canonical
 from .evaluation import splits_path_for
+from .evaluation import trained_collections
+from .registry import held_out_score
 
 __all__ = ["ComparisonError", "compare", "markdown_table", "single_image_latency_ms"]
 
-SETS = ("test", "official_test", "official_test_novel")
+# Sets compared, by suffix of "<collection>/<set>".
+SETS = ("/test", "/official_test", "/official_test_novel", "/unseen")
 
 
 class ComparisonError(ValueError):
@@ -44,17 +54,55 @@ def single_image_latency_ms(predictor, image: np.ndarray, runs: int = 50) -> flo
     return statistics.median(times)
 
 
-def _split_signature(model_path: Path) -> dict[str, list[str]]:
+def _split_signature(model_path: Path) -> tuple[dict[str, dict[str, list[str]]], tuple]:
+    """{collection: {split: sorted paths}} and (seed, group distance) of a model's manifest."""
     manifest_path = splits_path_for(model_path)
     if not manifest_path.is_file():
         raise ComparisonError(f"{manifest_path.name} is missing: {model_path.name} cannot be "
                               "placed on the shared splits (it is written by `brainmri train`).")
     manifest = json.loads(manifest_path.read_text())
-    return {name: sorted(paths) for name, paths in manifest["splits"].items()}
+    by_collection: dict[str, dict[str, list[str]]] = {}
+    for name, paths in manifest_splits(manifest).items():
+        for path in paths:
+            by_collection.setdefault(path.split("/", 1)[0], {}).setdefault(name, []).append(path)
+    for collection in trained_collections(manifest):
+        by_collection.setdefault(collection, {})
+    signature = {c: {n: sorted(p) for n, p in splits.items()} for c, splits in by_collection.items()}
+    return signature, (manifest.get("seed", 42), manifest.get("group_distance"))
 
 
-def compare(model_paths: list[Path], data_root: Path, out_dir: Path, cache_dir: Path | None = None,
-            progress=None, latency_runs: int = 50) -> dict[str, Any]:
+def _check_same_splits(model_paths: list[Path]) -> None:
+    """Every pair of models must split each collection they share identically."""
+    signatures = [(path, *_split_signature(path)) for path in model_paths]
+    first_path, _, first_seed = signatures[0]
+    for path, _, seed in signatures[1:]:
+        if seed != first_seed:
+            raise ComparisonError(
+                f"{path.name} was split with (seed, group distance) {seed}, {first_path.name} "
+                f"with {first_seed}; retrain with the same --seed and --group-distance.")
+    for i, (path_a, sig_a, _) in enumerate(signatures):
+        for path_b, sig_b, _ in signatures[i + 1:]:
+            for collection in set(sig_a) & set(sig_b):
+                if sig_a[collection] != sig_b[collection]:
+                    raise ComparisonError(
+                        f"{path_b.name} and {path_a.name} split {collection} differently; "
+                        "retrain both with the same --seed and --group-distance to compare them.")
+
+
+def set_figures(truth: np.ndarray, probs: np.ndarray, sequences: list[str]) -> dict[str, Any]:
+    """The figures compared and stored in the metadata for one evaluation set."""
+    metrics = classification_metrics(truth, probs)
+    binary = binary_metrics(truth, probs)
+    return {
+        "images": metrics["images"], "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
+        "sensitivity": binary["sensitivity"], "specificity": binary["specificity"],
+        "by_sequence": by_sequence(truth, probs, sequences),
+    }
+
+
+def compare(model_paths: list[Path], data_roots: Path | list[Path], out_dir: Path,
+            cache_dir: Path | None = None, progress=None, latency_runs: int = 50) -> dict[str, Any]:
     """Measure every model on the same splits; write compare.json, compare.md and compare.png.
 
     Raises:
@@ -65,49 +113,55 @@ def compare(model_paths: list[Path], data_root: Path, out_dir: Path, cache_dir: 
     if not model_paths:
         raise ComparisonError("No models to compare.")
     model_paths = [Path(p) for p in model_paths]
-    reference = _split_signature(model_paths[0])
-    for path in model_paths[1:]:
-        if _split_signature(path) != reference:
-            raise ComparisonError(
-                f"{path.name} was trained on different splits from {model_paths[0].name}; "
-                "retrain both with the same --seed and --group-distance to compare them.")
+    _check_same_splits(model_paths)
     predictors = [Predictor.from_path(path) for path in model_paths]
     sizes = {p.input_size for p in predictors}
     if len(sizes) != 1:
         raise ComparisonError(f"The models take different input sizes {sorted(sizes)}.")
-    data = load_dataset(data_root, sizes.pop(), cache_dir=cache_dir, progress=progress)
-    manifest = json.loads(splits_path_for(model_paths[0]).read_text())
-    sets = {s.name: s for s in eval_sets(data, manifest) if s.name in SETS}
+    data = load_datasets(data_roots, sizes.pop(), cache_dir=cache_dir, progress=progress)
     y = data.label_indices
     rows = []
+    descriptions: dict[str, str] = {}
     for path, predictor in zip(model_paths, predictors):
         predictor.load()
+        manifest = json.loads(splits_path_for(path).read_text())
+        sets = {s.name: s for s in eval_sets(data, manifest) if s.name.endswith(SETS)}
         raw = predictor.card.raw
         training = raw.get("training") or {}
         row: dict[str, Any] = {
             "name": predictor.card.name,
             "arch": raw.get("arch", "cnn"),
             "weights": raw.get("weights", "none"),
+            "trained_on": trained_collections(manifest),
             "parameters": raw.get("parameters"),
             "file_mb": round(path.stat().st_size / 1e6, 2),
             "training_minutes": round(training["wall_seconds"] / 60, 1)
             if "wall_seconds" in training else None,
             "epochs": training.get("epochs_run"),
             "sets": {},
+            "pointing": {},
         }
         for name, eval_set in sets.items():
+            descriptions.setdefault(name, eval_set.description)
             probs = predictor.calibrate(predict_canonical(predictor, data.images[eval_set.indices]))
-            metrics = classification_metrics(y[eval_set.indices], probs)
-            row["sets"][name] = {key: metrics[key] for key in ("images", "accuracy", "macro_f1")}
+            row["sets"][name] = set_figures(y[eval_set.indices], probs,
+                                            [data.sequences[i] for i in eval_set.indices])
+            if name.endswith("/test"):
+                pointing = pointing_score(predictor, data, eval_set.indices)
+                if pointing is not None:
+                    row["pointing"][name] = pointing
+        first_test = next((s for n, s in sets.items() if n.endswith("/test")), None)
         row["latency_ms"] = round(single_image_latency_ms(
-            predictor, data.images[sets["test"].indices[0]] if "test" in sets else data.images[0],
+            predictor, data.images[first_test.indices[0]] if first_test else data.images[0],
             latency_runs), 2)
+        row["held_out_score"] = held_out_score({"evaluation": row["sets"]})
         rows.append(row)
-    # The registry's rule for the default model (accuracy, then macro-F1), so row 1 is it.
-    rows.sort(key=lambda r: (r["sets"].get("test", {}).get("accuracy") or 0,
-                             r["sets"].get("test", {}).get("macro_f1") or 0), reverse=True)
-    report = {"data": data.root.name, "sets": {n: s.description for n, s in sets.items()},
+    # The registry's rule for the default model, so row 1 is the one it would serve first.
+    rows.sort(key=lambda r: r["held_out_score"], reverse=True)
+    report = {"data": data.name, "sets": descriptions,
               "latency": f"median of {latency_runs} single-image forward passes (traced, batch 1)",
+              "ranking": "registry.held_out_score: worst off-collection figure, then mean "
+                         "in-collection test accuracy",
               "models": rows}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,23 +175,38 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.1f} %"
 
 
+def _worst(entry: dict[str, Any], key: str) -> float | None:
+    values = [seq[key] for seq in (entry.get("by_sequence") or {}).values() if seq.get(key) is not None]
+    return min(values) if values else entry.get(key)
+
+
+def _find(sets: dict[str, Any], suffix: str, prefer: str | None = None) -> dict[str, Any]:
+    if prefer and f"{prefer}{suffix}" in sets:
+        return sets[f"{prefer}{suffix}"]
+    return next((v for k, v in sets.items() if k.endswith(suffix)), {})
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table, best leakage-free accuracy (then macro-F1) first."""
+    """The comparison as a Markdown table, in the registry's order (the default first)."""
     lines = [
-        "| model | arch (weights) | leakage-free test acc | macro-F1 | official Testing acc "
-        "| macro-F1 | unseen official acc | training min (epochs) | file MB | params "
-        "| 1-image latency ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | trained on | SARTAJ test acc | official unseen acc | LGG held-out sensitivity "
+        "(worst sequence) | LGG specificity (worst sequence) | LGG pointing | worst held-out "
+        "figure | training min (epochs) | file MB | params | 1-image latency ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["sets"]
-        test, official = s.get("test", {}), s.get("official_test", {})
-        novel = s.get("official_test_novel", {})
+        sartaj = s.get("sartaj/test", {})
+        novel = _find(s, "/official_test_novel")
+        lgg = s.get("lgg/test", {})
+        pointing = (r["pointing"].get("lgg/test") or {}).get("pointing")
         minutes = "n/a" if r["training_minutes"] is None else f"{r['training_minutes']} ({r['epochs']})"
+        worst = r["held_out_score"][0]
         lines.append(
-            f"| {r['name']} | {r['arch']} ({r['weights']}) | {_pct(test.get('accuracy'))} "
-            f"| {_pct(test.get('macro_f1'))} | {_pct(official.get('accuracy'))} "
-            f"| {_pct(official.get('macro_f1'))} | {_pct(novel.get('accuracy'))} | {minutes} "
+            f"| {r['name']} | {'+'.join(r['trained_on'])} | {_pct(sartaj.get('accuracy'))} "
+            f"| {_pct(novel.get('accuracy'))} | {_pct(_worst(lgg, 'sensitivity'))} "
+            f"| {_pct(_worst(lgg, 'specificity'))} | {_pct(pointing)} "
+            f"| {_pct(worst if worst >= 0 else None)} | {minutes} "
             f"| {r['file_mb']} | {r['parameters']:,} | {r['latency_ms']} |"
         )
     return "\n".join(lines)
@@ -147,29 +216,34 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     from .plots import pyplot
 
     plt = pyplot()
-    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(12, 4.4))
     names = [r["name"].removeprefix("brainmri_") for r in rows]
-    labels = {"test": "leakage-free test", "official_test": "official Testing",
-              "official_test_novel": "official, unseen part"}
-    width = 0.8 / len(labels)
-    for k, (key, label) in enumerate(labels.items()):
-        values = [(r["sets"].get(key, {}).get("accuracy") or 0) * 100 for r in rows]
-        positions = np.arange(len(rows)) + (k - (len(labels) - 1) / 2) * width
+    figures = {
+        "SARTAJ test acc": lambda r: r["sets"].get("sartaj/test", {}).get("accuracy"),
+        "official unseen acc": lambda r: _find(r["sets"], "/official_test_novel").get("accuracy"),
+        "LGG sensitivity (worst seq.)": lambda r: _worst(r["sets"].get("lgg/test", {}), "sensitivity"),
+        "LGG specificity (worst seq.)": lambda r: _worst(r["sets"].get("lgg/test", {}), "specificity"),
+        "LGG pointing": lambda r: (r["pointing"].get("lgg/test") or {}).get("pointing"),
+    }
+    width = 0.8 / len(figures)
+    for k, (label, get) in enumerate(figures.items()):
+        values = [(get(r) or 0) * 100 for r in rows]
+        positions = np.arange(len(rows)) + (k - (len(figures) - 1) / 2) * width
         drawn = bars.bar(positions, values, width, label=label)
-        bars.bar_label(drawn, fmt="%.0f", fontsize=7)
-    bars.set_xticks(np.arange(len(rows)), names)
-    bars.set_ylabel("accuracy (%)")
-    bars.set_ylim(0, 105)
-    bars.set_title("Accuracy on identical splits")
-    bars.legend(fontsize=8, loc="lower left")
+        bars.bar_label(drawn, fmt="%.0f", fontsize=6)
+    bars.set_xticks(np.arange(len(rows)), names, fontsize=8)
+    bars.set_ylabel("%")
+    bars.set_ylim(0, 110)
+    bars.set_title("Held-out figures on identical splits")
+    bars.legend(fontsize=7, loc="lower left")
     for r, name in zip(rows, names):
-        accuracy = (r["sets"].get("test", {}).get("accuracy") or 0) * 100
-        scatter.scatter(r["latency_ms"], accuracy, s=40 + 12 * r["file_mb"])
-        scatter.annotate(f"{name}\n{r['file_mb']} MB", (r["latency_ms"], accuracy),
+        worst = max(r["held_out_score"][0], 0) * 100
+        scatter.scatter(r["latency_ms"], worst, s=40 + 12 * r["file_mb"])
+        scatter.annotate(f"{name}\n{r['file_mb']} MB", (r["latency_ms"], worst),
                          textcoords="offset points", xytext=(6, 4), fontsize=8)
     scatter.set_xlabel("single-image latency (ms, median, this CPU)")
-    scatter.set_ylabel("leakage-free test accuracy (%)")
-    scatter.set_title("Accuracy against speed (marker size: file size)")
+    scatter.set_ylabel("worst held-out figure (%)")
+    scatter.set_title("Worst held-out figure against speed (marker: file size)")
     scatter.margins(0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,8 +1,13 @@
-"""Measure a trained model: metrics, calibration and plots for each evaluation set.
+"""Measure a trained model: metrics, calibration and plots for each evaluation set, per collection.
 
-Evaluation sets come from the split manifest written by `brainmri train`: the leakage-free
-`test` split, the `val` split, the official Testing folder, and the part of that folder that
-has no near-duplicate in anything the model trained or validated on (`official_test_novel`).
+Evaluation sets are named `<collection>/<set>` and come from the split manifest written by
+`brainmri train`: each collection's held-out `test` split (whole patients where the collection
+names them, else whole near-duplicate groups), its `val` split, an official Testing folder, and
+the part of that folder with no near-duplicate in anything the model trained or validated on
+(`official_test_novel`). A collection the model never trained on gets `<collection>/unseen`
+(all of it) and `<collection>/test` (the same patients a model trained on it would be tested
+on), so leave-one-collection-out figures sit beside the in-collection ones. Every set is also
+broken down by MRI sequence, with any-tumour sensitivity and specificity.
 """
 
 from __future__ import annotations
@@ -15,13 +20,20 @@ from typing import Any
 import numpy as np
 
 from . import dedup
+from .dataset import UNSPECIFIED
 from .dataset import CachedDataset
-from .dataset import load_dataset
+from .dataset import load_datasets
 from .modelcard import CLASSES
+from .splits import split_dataset
 
 __all__ = [
     "EvalSet",
+    "binary_metrics",
+    "by_sequence",
     "classification_metrics",
+    "manifest_splits",
+    "pointing_score",
+    "trained_collections",
     "eval_sets",
     "evaluate",
     "expected_calibration_error",
@@ -115,38 +127,144 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     }
 
 
+def binary_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Any tumour against no tumour: sensitivity, specificity and their counts (None if absent)."""
+    no_tumor = CLASSES.index("no_tumor")
+    tumor_true = np.asarray(y_true) != no_tumor
+    tumor_pred = np.asarray(probs).argmax(1) != no_tumor
+    positives, negatives = int(tumor_true.sum()), int((~tumor_true).sum())
+    found, cleared = int((tumor_true & tumor_pred).sum()), int((~tumor_true & ~tumor_pred).sum())
+    return {
+        "tumor_images": positives,
+        "no_tumor_images": negatives,
+        "sensitivity": round(found / positives, 4) if positives else None,
+        "specificity": round(cleared / negatives, 4) if negatives else None,
+    }
+
+
+def by_sequence(y_true: np.ndarray, probs: np.ndarray, sequences: list[str]) -> dict[str, Any]:
+    """Accuracy and any-tumour sensitivity/specificity per MRI sequence (empty when unnamed)."""
+    sequences = np.asarray(sequences)
+    names = sorted(set(sequences.tolist()) - {UNSPECIFIED})
+    table = {}
+    for name in names:
+        keep = sequences == name
+        correct = np.asarray(probs)[keep].argmax(1) == np.asarray(y_true)[keep]
+        table[name] = {"images": int(keep.sum()), "accuracy": round(float(correct.mean()), 4),
+                       **binary_metrics(np.asarray(y_true)[keep], np.asarray(probs)[keep])}
+    return table
+
+
+def trained_collections(manifest: dict) -> list[str]:
+    """The collections a split manifest covers (a one-root manifest of version 1 names its root)."""
+    return list(manifest.get("collections") or [manifest["root"]])
+
+
+def manifest_splits(manifest: dict) -> dict[str, list[str]]:
+    """{split: ["<collection>/<path>", ...]}; version-1 manifests held paths under their root."""
+    prefix = "" if "collections" in manifest else f"{manifest['root']}/"
+    return {name: [prefix + path for path in paths] for name, paths in manifest["splits"].items()}
+
+
+def _has_patients(data: CachedDataset, idx: np.ndarray) -> bool:
+    return len(idx) > 0 and all(data.patients[i] for i in idx)
+
+
 def eval_sets(data: CachedDataset, manifest: dict | None) -> list[EvalSet]:
-    """The evaluation sets of `data` given a split manifest (or the folders, without one)."""
+    """The evaluation sets of every collection in `data`, given the model's split manifest."""
     index = {path: i for i, path in enumerate(data.paths)}
+    collections = np.array(data.collections)
+    trained = trained_collections(manifest) if manifest else []
+    splits = ({name: np.array([index[p] for p in paths if p in index], dtype=int)
+               for name, paths in manifest_splits(manifest).items()} if manifest else {})
+    distance = (manifest or {}).get("group_distance", dedup.DEFAULT_MAX_DISTANCE)
+    seed = (manifest or {}).get("seed", 42)
     sets: list[EvalSet] = []
-    if manifest:
-        splits = {name: np.array([index[p] for p in paths if p in index], dtype=int)
-                  for name, paths in manifest["splits"].items()}
-        seen = np.concatenate([splits.get("train", np.array([], int)), splits.get("val", np.array([], int))])
-        if "test" in splits:
-            sets.append(EvalSet("test", splits["test"],
-                                "leakage-free test split: no near-duplicate group shared with train or val"))
-        if "val" in splits:
-            sets.append(EvalSet("val", splits["val"], "validation split (used for early stopping)"))
-        if "official_test" in splits:
-            official = splits["official_test"]
-            groups = dedup.group_near_duplicates(data.hashes, manifest.get("group_distance",
-                                                                           dedup.DEFAULT_MAX_DISTANCE))
-            seen_groups = set(groups[seen].tolist())
-            novel = np.array([i for i in official if groups[i] not in seen_groups], dtype=int)
-            sets.append(EvalSet("official_test", official, "the data set's own Testing folder"))
-            sets.append(EvalSet("official_test_novel", novel,
+    for collection in data.roots:
+        members = np.flatnonzero(collections == collection)
+        held = "held-out patients" if _has_patients(data, members) else "leakage-free test split"
+        if collection in trained:
+            part = {name: idx[collections[idx] == collection] for name, idx in splits.items()}
+        else:
+            # Never trained on: the split a model trained on this collection would have, so the
+            # leave-one-collection-out figure uses the same patients as the in-collection one.
+            plan = split_dataset(data.subset(members), seed=seed, group_distance=distance)
+            part = {name: members[plan.indices(name)] for name in ("test", "official_test")}
+            unseen = members[np.array(data.sources)[members] != "test"]
+            sets.append(EvalSet(f"{collection}/unseen", unseen,
+                                f"all of {collection}, a collection the model never trained on"))
+            held += f" ({collection} was never trained on)"
+        empty = np.array([], int)
+        if len(part.get("test", empty)):
+            sets.append(EvalSet(f"{collection}/test", part["test"],
+                                f"{held}: nothing shared with train or val"))
+        if len(part.get("val", empty)):
+            sets.append(EvalSet(f"{collection}/val", part["val"],
+                                "validation split (used for early stopping)"))
+        official = part.get("official_test", empty)
+        if len(official):
+            seen = np.concatenate([part.get("train", empty), part.get("val", empty)]).astype(int)
+            groups = dedup.group_near_duplicates(data.hashes[members], distance)
+            group_of = dict(zip(members.tolist(), groups.tolist()))
+            seen_groups = {group_of[i] for i in seen.tolist()}
+            novel = np.array([i for i in official if group_of[int(i)] not in seen_groups], dtype=int)
+            sets.append(EvalSet(f"{collection}/official_test", official,
+                                "the collection's own Testing folder"))
+            sets.append(EvalSet(f"{collection}/official_test_novel", novel,
                                 "Testing-folder images with no near-duplicate in train or val"))
-        return sets
-    official = np.array([i for i, s in enumerate(data.sources) if s == "test"], dtype=int)
-    if len(official):
-        sets.append(EvalSet("official_test", official, "the data set's Testing folder"))
-        rest = np.array([i for i, s in enumerate(data.sources) if s != "test"], dtype=int)
-        if len(rest):
-            sets.append(EvalSet("training_folder", rest, "the data set's Training folder"))
-    else:
-        sets.append(EvalSet("all", np.arange(len(data.paths)), "every labelled image under --data"))
     return sets
+
+
+def pointing_score(predictor, data: CachedDataset, indices: np.ndarray, dilation: float = 0.03,
+                   batch: int = 64) -> dict[str, Any] | None:
+    """Share of tumour slices whose Grad-CAM peak (for the true class) lies in the dilated mask.
+
+    Masks are read from `<collection root>/masks/<slice>.png` (the `lgg/` layout) and cut and
+    resized exactly as `preprocess` cuts the image. Returns None when no slice has a mask.
+    """
+    import cv2
+
+    from .imaging import decode_image
+    from .imaging import resize_mask
+
+    size = predictor.input_size
+    radius = max(1, int(round(dilation * size)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    chosen, masks = [], []
+    for i in indices:
+        path = data.file(int(i))
+        stem = path.stem
+        if data.sequences[i] != UNSPECIFIED:
+            stem = stem[: -len(data.sequences[i]) - 1]
+        mask_path = data.roots[data.collections[i]] / "masks" / f"{stem}.png"
+        if data.labels[i] == "no_tumor" or not mask_path.is_file():
+            continue
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        image = decode_image(path.read_bytes())
+        if mask is None or mask.shape != image.shape:
+            continue
+        masks.append(cv2.dilate(resize_mask(mask > 0, image, size).astype(np.uint8), disk) > 0)
+        chosen.append(int(i))
+    if not chosen:
+        return None
+    hits = []
+    for start in range(0, len(chosen), batch):
+        idx = chosen[start : start + batch]
+        classes = np.array([predictor.labels.index(data.labels[i]) for i in idx], np.int32)
+        cams = predictor.gradcam_batch(data.images[idx], classes)
+        for cam, mask in zip(cams, masks[start : start + batch]):
+            y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            hits.append(bool(mask[y, x]))
+    hits = np.array(hits)
+    sequences = np.array([data.sequences[i] for i in chosen])
+    return {
+        "slices": int(len(hits)),
+        "pointing": round(float(hits.mean()), 4),
+        "by_sequence": {name: round(float(hits[sequences == name].mean()), 4)
+                        for name in sorted(set(sequences.tolist()))},
+        "rule": f"Grad-CAM peak for the true class inside the tumour mask dilated by {radius} px "
+                f"({dilation:.0%} of the {size}-px input)",
+    }
 
 
 def predict_canonical(predictor, images: np.ndarray, batch: int = 128) -> np.ndarray:
@@ -157,15 +275,15 @@ def predict_canonical(predictor, images: np.ndarray, batch: int = 128) -> np.nda
     return raw[:, [predictor.labels.index(name) for name in CLASSES]]
 
 
-def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path | None = None,
-             progress=None) -> dict[str, Any]:
-    """Evaluate `model_path` on `data_root`, write metrics.json and plots into `out_dir`."""
+def evaluate(model_path: Path, data_roots: Path | list[Path], out_dir: Path,
+             cache_dir: Path | None = None, progress=None) -> dict[str, Any]:
+    """Evaluate `model_path` on every collection given, write metrics.json and plots into `out_dir`."""
     from . import plots
     from .predictor import Predictor
 
     predictor = Predictor.from_path(model_path)
     predictor.load()
-    data = load_dataset(data_root, predictor.input_size, cache_dir=cache_dir, progress=progress)
+    data = load_datasets(data_roots, predictor.input_size, cache_dir=cache_dir, progress=progress)
     manifest_path = splits_path_for(model_path)
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     out_dir = Path(out_dir)
@@ -173,9 +291,11 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
     y = data.label_indices
     report: dict[str, Any] = {
         "model": predictor.card.summary,
-        "data": data.root.name,
+        "data": data.name,
+        "trained_on": trained_collections(manifest) if manifest else None,
         "split_manifest": manifest_path.name if manifest else None,
         "sets": {},
+        "pointing": {},
     }
     curves = {}
     sets = eval_sets(data, manifest)
@@ -184,10 +304,18 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, cache_dir: Path |
             continue
         # The served (temperature-calibrated) probabilities; `trust` compares with the raw ones.
         probs = predictor.calibrate(predict_canonical(predictor, data.images[eval_set.indices]))
-        metrics = classification_metrics(y[eval_set.indices], probs)
+        truth = y[eval_set.indices]
+        metrics = classification_metrics(truth, probs)
+        metrics["tumor_vs_no_tumor"] = binary_metrics(truth, probs)
+        metrics["by_sequence"] = by_sequence(truth, probs,
+                                             [data.sequences[i] for i in eval_set.indices])
         metrics["description"] = eval_set.description
         report["sets"][eval_set.name] = metrics
-        curves[eval_set.name] = (y[eval_set.indices], probs)
+        curves[eval_set.name.replace("/", "_")] = (truth, probs)
+        if eval_set.name.endswith("/test") or eval_set.name.endswith("/unseen"):
+            pointing = pointing_score(predictor, data, eval_set.indices)
+            if pointing is not None:
+                report["pointing"][eval_set.name] = pointing
     history_path = Path(model_path).with_suffix(".history.json")
     history = json.loads(history_path.read_text()) if history_path.is_file() else None
     report["plots"] = plots.write_all(out_dir, curves, history)

@@ -17,7 +17,11 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "PREPROCESSING",
     "ImageError",
+    "HeadCrop",
+    "apply_head_crop",
     "crop_to_head",
+    "locate_head",
+    "resize_mask",
     "decode_image",
     "image_dimensions",
     "load_scan",
@@ -32,7 +36,7 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 # Bumped whenever the pixels `preprocess` produces change, so caches and models can tell.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 # Travels in the model metadata so a reader knows what the network expects (timm's "cfg").
 PREPROCESSING = {
@@ -42,7 +46,7 @@ PREPROCESSING = {
         "decode PNG/JPEG (EXIF orientation applied, 16-bit kept) or single-frame DICOM "
         "(modality LUT, first VOI LUT/window, MONOCHROME1 inverted)",
         "convert to one grayscale channel (alpha dropped)",
-        "strip a near-uniform, non-dark frame at least 5% of the side deep (screenshot borders)",
+        "strip a near-uniform, non-dark frame of any depth (screenshot borders, thin film frames)",
         "crop to the bounding box of the largest component above half the Otsu level (the head), 4% margin",
         "pad to a square with the background value",
         "resize with area interpolation to the model's input size",
@@ -251,10 +255,27 @@ def _frame_depth(
     return lead, trail
 
 
+def _frame_box(gray: np.ndarray, level: float, tolerance: float,
+               min_width: float) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of `gray` inside its frame (the whole image when there is none)."""
+    height, width = gray.shape
+    low, high = float(gray.min()), float(gray.max())
+    span = high - low
+    if span <= 0:
+        return 0, height, 0, width
+    floor, spread = low + level * span, tolerance * span
+    top, bottom = _frame_depth(gray.min(axis=1), gray.max(axis=1), floor, spread)
+    rows = gray[top : height - bottom]
+    left, right = _frame_depth(rows.min(axis=0), rows.max(axis=0), floor, spread)
+    if max(top, bottom) < min_width * height and max(left, right) < min_width * width:
+        return 0, height, 0, width
+    return top, height - bottom, left, width - right
+
+
 def strip_frame(
-    gray: np.ndarray, level: float = 0.25, tolerance: float = 0.06, min_width: float = 0.05
+    gray: np.ndarray, level: float = 0.25, tolerance: float = 0.06, min_width: float = 0.0
 ) -> np.ndarray:
-    """Remove a wide, near-uniform, non-dark frame around the image (screenshots, films).
+    """Remove a near-uniform, non-dark frame around the image (screenshots, films).
 
     Left in place, such a frame becomes one ring-shaped bright component enclosing the whole
     image, and the head crop keeps everything. A frame line is a row or column whose values all
@@ -262,38 +283,41 @@ def strip_frame(
     `tolerance` of that range (room for JPEG ringing). Dark lines are never removed: black
     padding is background, and the head crop's margin may use it.
 
-    Only frames at least `min_width` of the image side deep on some edge are removed. The
-    training images include thin white frames (1-21 px, at most 3.1% of the side) that the
-    current model learned with; stripping those would change its inputs without a new
-    preprocessing version. Returns `gray` itself when nothing is removed.
+    Frames of any depth are removed by default (`min_width` 0). Preprocessing version 1 kept
+    frames under 5 % of the side, because the first models had learned with them; those thin
+    white lines then defeated the head crop and showed in "What the model saw". Version 2 strips
+    them, and every shipped model was retrained on its inputs. Returns `gray` itself when nothing
+    is removed.
     """
-    low, high = float(gray.min()), float(gray.max())
-    span = high - low
-    if span <= 0:
+    y0, y1, x0, x1 = _frame_box(gray, level, tolerance, min_width)
+    if (y0, x0) == (0, 0) and (y1, x1) == gray.shape:
         return gray
-    floor, spread = low + level * span, tolerance * span
-    height, width = gray.shape
-    top, bottom = _frame_depth(gray.min(axis=1), gray.max(axis=1), floor, spread)
-    rows = gray[top : height - bottom]
-    left, right = _frame_depth(rows.min(axis=0), rows.max(axis=0), floor, spread)
-    if max(top, bottom) < min_width * height and max(left, right) < min_width * width:
-        return gray
-    return rows[:, left : rows.shape[1] - right]
+    return gray[y0:y1, x0:x1]
 
 
-def crop_to_head(gray: np.ndarray, margin: float = 0.04) -> np.ndarray:
-    """Crop to the largest bright connected component and pad it to a square.
+@dataclass(frozen=True)
+class HeadCrop:
+    """Where `crop_to_head` cuts an image: a box in its pixels, then padding to a square."""
 
-    Frames (`strip_frame`), borders, black padding and small annotations around the head are
-    removed, so slices framed differently look alike to the network. Falls back to the whole
-    image (without its frame) when no plausible head is found (e.g. a uniform image).
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1 in the decoded image
+    pad: tuple[int, int, int, int]  # top, bottom, left, right
+    background: float  # the padding value
+
+
+def locate_head(gray: np.ndarray, margin: float = 0.04) -> HeadCrop:
+    """Find the head: the frame (`strip_frame`), then the largest bright component, 4 % margin.
+
+    Falls back to the whole image (without its frame) when no plausible head is found (e.g. a
+    uniform image). Kept apart from `crop_to_head` so a tumour mask can follow the same cut.
     """
-    gray = strip_frame(gray)
+    fy0, fy1, fx0, fx1 = _frame_box(gray, 0.25, 0.06, 0.0)
+    inner = gray[fy0:fy1, fx0:fx1]
+    y0, y1, x0, x1 = 0, inner.shape[0], 0, inner.shape[1]
     small_side = 256
-    scale = min(1.0, small_side / max(gray.shape))
-    thumb = gray
+    scale = min(1.0, small_side / max(inner.shape))
+    thumb = inner
     if scale < 1:
-        thumb = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        thumb = cv2.resize(inner, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     thumb = cv2.GaussianBlur(to_uint8(thumb), (5, 5), 0)
     # Half of Otsu's level keeps dark brain tissue attached to the skull, so a bright tumor
     # is never mistaken for the whole head.
@@ -308,20 +332,37 @@ def crop_to_head(gray: np.ndarray, margin: float = 0.04) -> np.ndarray:
             pad_x, pad_y = int(w * margin), int(h * margin)
             x0 = max(0, int((x - pad_x) / scale))
             y0 = max(0, int((y - pad_y) / scale))
-            x1 = min(gray.shape[1], int(np.ceil((x + w + pad_x) / scale)))
-            y1 = min(gray.shape[0], int(np.ceil((y + h + pad_y) / scale)))
-            gray = gray[y0:y1, x0:x1]
-    height, width = gray.shape
+            x1 = min(inner.shape[1], int(np.ceil((x + w + pad_x) / scale)))
+            y1 = min(inner.shape[0], int(np.ceil((y + h + pad_y) / scale)))
+    box = (fy0 + y0, fy0 + y1, fx0 + x0, fx0 + x1)
+    height, width = y1 - y0, x1 - x0
     side = max(height, width)
-    if height == width:
-        return gray
-    background = float(np.percentile(gray, 1))
-    top = (side - height) // 2
-    left = (side - width) // 2
-    return cv2.copyMakeBorder(
-        gray, top, side - height - top, left, side - width - left,
-        cv2.BORDER_CONSTANT, value=background,
-    )
+    top, left = (side - height) // 2, (side - width) // 2
+    pad = (top, side - height - top, left, side - width - left)
+    background = 0.0
+    if height != width:
+        background = float(np.percentile(inner[y0:y1, x0:x1], 1))
+    return HeadCrop(box, pad, background)
+
+
+def apply_head_crop(array: np.ndarray, crop: HeadCrop, background: float | None = None) -> np.ndarray:
+    """Cut `array` (the image, or a mask aligned with it) as `crop` says, padded to a square."""
+    y0, y1, x0, x1 = crop.box
+    cut = array[y0:y1, x0:x1]
+    if not any(crop.pad):
+        return cut
+    value = crop.background if background is None else background
+    top, bottom, left, right = crop.pad
+    return cv2.copyMakeBorder(cut, top, bottom, left, right, cv2.BORDER_CONSTANT, value=value)
+
+
+def crop_to_head(gray: np.ndarray, margin: float = 0.04) -> np.ndarray:
+    """Crop to the largest bright connected component and pad it to a square.
+
+    Frames (`strip_frame`), borders, black padding and small annotations around the head are
+    removed, so slices framed differently look alike to the network.
+    """
+    return apply_head_crop(gray, locate_head(gray, margin))
 
 
 def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
@@ -335,6 +376,12 @@ def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
     else:
         scaled = np.clip((resized - low) / (high - low), 0.0, 1.0)
     return scaled.astype(np.float32)[..., None]
+
+
+def resize_mask(mask: np.ndarray, image: np.ndarray, size: int) -> np.ndarray:
+    """A (size, size) boolean mask aligned with `preprocess(image, size)`: same crop and resize."""
+    square = apply_head_crop(mask.astype(np.float32), locate_head(image.astype(np.float32)), 0.0)
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA) > 0.5 * square.max(initial=1)
 
 
 def load_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

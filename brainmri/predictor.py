@@ -46,7 +46,7 @@ class Prediction:
     probabilities: dict[str, float]
     tumor_probability: float
     disclaimer: str = DISCLAIMER
-    # Top-class probability below the fitted threshold (set by the web layer, see uploads.py).
+    # Top-class probability below the fitted threshold (set by inference.py for page, API, CLI).
     uncertain: bool = False
 
     @classmethod
@@ -242,12 +242,40 @@ class Predictor:
         Raises:
             NotBrainMRI: the fitted guard refuses the input (no class is given).
         """
-        probs, features = self.forward(image[None, ...])
-        if self.guard is not None:
-            verdict = self.guard.assess(image, data, None if features is None else features[:1])
-            if verdict.refused:
-                raise NotBrainMRI(verdict)
-        return self._to_prediction(probs[0])
+        result = self.predict_checked_batch([image], [data])[0]
+        if isinstance(result, NotBrainMRI):
+            raise result
+        return result
+
+    def predict_checked_batch(self, images: Sequence[np.ndarray],
+                              data: Sequence[bytes | None] | None = None,
+                              guard: bool = True) -> list[Prediction | NotBrainMRI]:
+        """Screen and classify (calibrated) several preprocessed slices in one forward pass.
+
+        Args:
+            images: preprocessed slices, each (size, size, 1) in [0, 1].
+            data: each slice's file bytes, for the colour check (None skips it).
+            guard: False skips the out-of-distribution guard (research use).
+
+        Returns:
+            Per input, in order, its Prediction or the NotBrainMRI refusal; refusals are
+            returned rather than raised so that one refused slice never hides the others.
+        """
+        if len(images) == 0:
+            return []
+        raw = list(data) if data is not None else [None] * len(images)
+        probs, features = self.forward(np.stack(images))
+        screen = self.guard if guard else None
+        results: list[Prediction | NotBrainMRI] = []
+        for i, image in enumerate(images):
+            if screen is not None:
+                embedding = None if features is None else features[i : i + 1]
+                verdict = screen.assess(image, raw[i], embedding)
+                if verdict.refused:
+                    results.append(NotBrainMRI(verdict))
+                    continue
+            results.append(self._to_prediction(probs[i]))
+        return results
 
     def explain(self, image: np.ndarray, label: str | None = None) -> Explanation:
         """Grad-CAM heatmap (size, size) in [0, 1] for `label` (default: the top class).
@@ -267,6 +295,20 @@ class Predictor:
                 index = self.labels.index(label)
             cam, _ = self._gradcam(batch, np.array([index], np.int32))
         return Explanation(np.asarray(cam)[0], self.labels[index], self.conv_layer)
+
+    def gradcam_batch(self, images: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
+        """Grad-CAM heatmaps (N, size, size) in [0, 1], one class index (output order) per image.
+
+        Raises:
+            ModelError: the model has no convolutional layer to explain.
+        """
+        self.load()
+        if self._gradcam is None:
+            raise ModelError(f"{self.card.model_path.name} has no convolutional layer for Grad-CAM.")
+        with self._lock:
+            cam, _ = self._gradcam(np.asarray(images, np.float32),
+                                   np.asarray(class_indices, np.int32))
+        return np.asarray(cam)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Classify several preprocessed slices in one forward pass."""

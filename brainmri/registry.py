@@ -1,9 +1,19 @@
 """Every trained model in the model folder, served side by side, and which one is the default.
 
 A model is a ``<name>.h5`` with its ``<name>.json`` metadata (written by `brainmri train`).
-The default is BRAINMRI_DEFAULT_MODEL when set, else the model with the best accuracy on the
-leakage-free test split recorded by `brainmri evaluate --write-metadata` (macro-F1 breaks
-ties), so adding a better model to the folder makes it the default without a code change.
+The default is BRAINMRI_DEFAULT_MODEL when set, else the model with the best `held_out_score`
+recorded by `brainmri evaluate --write-metadata`, so adding a better model to the folder makes
+it the default without a code change.
+
+The rule, written down before the retrained models' figures were in (issue 13): a model is
+ranked by its **worst off-collection figure**, the minimum over
+- any-tumour sensitivity and specificity in every MRI sequence of every patient-split
+  collection's held-out patients (`<collection>/test`, e.g. `lgg/test` in T1, T1c and FLAIR), and
+- accuracy on official Testing images with no near-copy in training
+  (`<collection>/official_test_novel`),
+because a clinician meets scans from other collections, and the worst sequence is what fails
+them. The mean accuracy over the in-collection test splits breaks ties. A model whose metadata
+carries none of these (version-1 metadata) ranks below every model that does.
 
 Discovery reads only the JSON files (no TensorFlow), so the CLI can use `default_model_path`
 and the gunicorn master stays light; `ModelRegistry` then validates every model's sha256 and
@@ -25,6 +35,7 @@ __all__ = [
     "UnknownModel",
     "default_model_path",
     "discover_models",
+    "held_out_score",
     "leakage_free_score",
 ]
 
@@ -54,9 +65,33 @@ def discover_models(model_dir: Path) -> list[Path]:
     return sorted(path for path in model_dir.glob("*.h5") if not path.name.endswith(".weights.h5"))
 
 
+def held_out_score(metadata: dict) -> tuple[float, float]:
+    """(worst off-collection figure, mean in-collection test accuracy); see the module docstring."""
+    evaluation = metadata.get("evaluation") or {}
+    worst: list[float] = []
+    tests: list[float] = []
+    for name, entry in evaluation.items():
+        if name.endswith("/official_test_novel") and entry.get("accuracy") is not None:
+            worst.append(float(entry["accuracy"]))
+        if name.endswith("/test"):
+            if entry.get("accuracy") is not None:
+                tests.append(float(entry["accuracy"]))
+            for sequence in (entry.get("by_sequence") or {}).values():
+                worst += [float(sequence[key]) for key in ("sensitivity", "specificity")
+                          if sequence.get(key) is not None]
+    if not worst:
+        return -1.0, leakage_free_score(metadata)[0]
+    return min(worst), (sum(tests) / len(tests) if tests else -1.0)
+
+
 def leakage_free_score(metadata: dict) -> tuple[float, float]:
-    """(accuracy, macro-F1) on the leakage-free test split from the metadata; (-1, -1) if absent."""
-    test = (metadata.get("evaluation") or {}).get("test") or {}
+    """(accuracy, macro-F1) on a leakage-free test split from the metadata; (-1, -1) if absent.
+
+    Version-1 metadata names it "test"; from version 2 the first "<collection>/test" counts.
+    """
+    evaluation = metadata.get("evaluation") or {}
+    test = evaluation.get("test") or next(
+        (entry for name, entry in evaluation.items() if name.endswith("/test")), {})
     return float(test.get("accuracy", -1.0)), float(test.get("macro_f1", -1.0))
 
 
@@ -80,8 +115,8 @@ def _pick_default(paths: list[Path], preferred: str | None) -> Path:
                 f"{', '.join(by_name) or 'no models'}."
             )
         return by_name[preferred]
-    # Best leakage-free figure first; the name breaks exact ties so the choice is stable.
-    return max(paths, key=lambda path: (leakage_free_score(_read_metadata(path)),
+    # Best held-out figure first; the name breaks exact ties so the choice is stable.
+    return max(paths, key=lambda path: (held_out_score(_read_metadata(path)),
                                         _model_name(path)))
 
 
@@ -108,7 +143,7 @@ class ModelRegistry:
         self.default = default
         # Default first, then by leakage-free test figures: the order the page lists them in.
         rest = sorted((name for name in predictors if name != default),
-                      key=lambda name: leakage_free_score(predictors[name].card.raw), reverse=True)
+                      key=lambda name: held_out_score(predictors[name].card.raw), reverse=True)
         self._predictors = {name: predictors[name] for name in (default, *rest)}
 
     @classmethod

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OFFICIAL_TEST", "SPLITS", "SplitPlan", "split_by_group"]
+from . import dedup
+
+__all__ = ["OFFICIAL_TEST", "SPLITS", "SplitPlan", "split_by_group", "split_dataset"]
 
 TRAIN, VAL, TEST = "train", "val", "test"
 OFFICIAL_TEST = "official_test"
@@ -99,4 +101,38 @@ def split_by_group(
                     filled[split] += size
                     assignment[members[group]] = split
                     break
+    return SplitPlan(assignment.astype(str))
+
+
+def split_dataset(
+    data,
+    fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
+    seed: int = 42,
+    group_distance: int = dedup.DEFAULT_MAX_DISTANCE,
+    exclude_official_test_duplicates: bool = False,
+) -> SplitPlan:
+    """Split each collection of a `CachedDataset` on its own, by patient or by duplicate group.
+
+    Every slice and sequence of one patient lands on one side (neighbouring slices and the
+    sequences of a slice are near-copies); in a collection without patient ids, near-duplicate
+    groups (pHash) play that role. Each collection's split depends only on its own images and
+    the seed, so a model trained on fewer collections has the same split of those it saw.
+    """
+    assignment = np.empty(len(data.paths), dtype=object)
+    collections = np.array(data.collections)
+    for collection in data.roots:
+        idx = np.flatnonzero(collections == collection)
+        if len(idx) == 0:
+            continue
+        patients = [data.patients[i] for i in idx]
+        if all(patients):
+            _, groups = np.unique(patients, return_inverse=True)
+        else:
+            groups = dedup.group_near_duplicates(data.hashes[idx], group_distance)
+        plan = split_by_group(
+            groups, [data.labels[i] for i in idx], [data.sources[i] for i in idx],
+            fractions=fractions, seed=seed,
+            exclude_official_test_duplicates=exclude_official_test_duplicates,
+        )
+        assignment[idx] = plan.assignment
     return SplitPlan(assignment.astype(str))

@@ -19,7 +19,7 @@ from . import calibration
 from . import ood
 from . import ood_sets
 from .dataset import CachedDataset
-from .dataset import load_dataset
+from .dataset import load_datasets
 from .imaging import ImageError
 from .modelcard import CLASSES
 from .modelcard import metadata_path_for
@@ -46,13 +46,15 @@ def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch
 
 
 def _split_indices(data: CachedDataset, manifest: dict) -> dict[str, np.ndarray]:
+    from .evaluation import manifest_splits
+
     index = {path: i for i, path in enumerate(data.paths)}
     return {name: np.array([index[p] for p in paths if p in index], dtype=int)
-            for name, paths in manifest["splits"].items()}
+            for name, paths in manifest_splits(manifest).items()}
 
 
 def _read(data: CachedDataset, indices: np.ndarray) -> list[bytes]:
-    return [(data.root / data.paths[i]).read_bytes() for i in indices]
+    return [data.file(i).read_bytes() for i in indices]
 
 
 def _fit_exposure(predictor, data: CachedDataset, train: np.ndarray, train_emb: np.ndarray,
@@ -63,7 +65,7 @@ def _fit_exposure(predictor, data: CachedDataset, train: np.ndarray, train_emb: 
     """
     greys = []
     for i in train:
-        grey = cv2.imdecode(np.frombuffer((data.root / data.paths[i]).read_bytes(), np.uint8),
+        grey = cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8),
                             cv2.IMREAD_GRAYSCALE)
         if grey is not None:
             greys.append(grey)
@@ -80,13 +82,13 @@ def _fit_exposure(predictor, data: CachedDataset, train: np.ndarray, train_emb: 
                       "kinds": "a 20-45 % patch and an inversion of every training slice"}
 
 
-def calibrate(model_path: Path, data_root: Path, cache_dir: Path | None = None,
+def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | None = None,
               target_accuracy: float = 0.98, progress=None) -> dict[str, Any]:
     """Fit temperature, uncertain threshold and OOD guard; write them into the model metadata.
 
     Args:
         model_path: the .h5; its `.splits.json` manifest names the train and val splits.
-        data_root: the data set the model was trained on.
+        data_root: the data root(s) the model was trained on.
         target_accuracy: accuracy that predictions not flagged "uncertain" must reach on val.
 
     Returns:
@@ -99,7 +101,7 @@ def calibrate(model_path: Path, data_root: Path, cache_dir: Path | None = None,
     predictor = Predictor.from_path(model_path)
     predictor.load()
     manifest = json.loads(splits_path_for(model_path).read_text())
-    data = load_dataset(data_root, predictor.input_size, cache_dir=cache_dir, progress=progress)
+    data = load_datasets(data_root, predictor.input_size, cache_dir=cache_dir, progress=progress)
     splits = _split_indices(data, manifest)
     y = data.label_indices
     val, train = splits["val"], splits["train"]
@@ -148,7 +150,7 @@ def ood_test_images(data: CachedDataset | None, test_indices: np.ndarray | None,
         chosen = test_indices[np.linspace(0, len(test_indices) - 1, min(mri_count, len(test_indices))).astype(int)]
         greys, labels = [], []
         for i in chosen:
-            grey = cv2.imdecode(np.frombuffer((data.root / data.paths[i]).read_bytes(), np.uint8),
+            grey = cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8),
                                 cv2.IMREAD_GRAYSCALE)
             if grey is not None:
                 greys.append(grey)
@@ -173,6 +175,8 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                               "uncertain_below": predictor.uncertain_below,
                               "calibration": {}, "false_refusal": {}, "ood": {}}
     guard = predictor.guard
+    # The first collection's held-out test split draws the reliability plots and the MRI variants.
+    first_test = next((name for name in sets if name.endswith("/test")), None)
     for name, indices in sets.items():
         if not len(indices):
             continue
@@ -192,7 +196,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             entry["accuracy_confident"] = _rate(correct[~flagged])
             entry["accuracy_uncertain"] = _rate(correct[flagged])
         report["calibration"][name] = entry
-        if name == "test":
+        if name == first_test:
             plots.reliability(out_dir / "reliability_test_before_calibration.png",
                               "test, before calibration", y[indices], probs)
             plots.reliability(out_dir / "reliability_test_after_calibration.png",
@@ -210,7 +214,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         report["ood"] = {"note": "no OOD guard in the metadata; run `brainmri calibrate` first"}
         return report
     categories: dict[str, dict[str, Any]] = {}
-    for image in ood_test_images(data, sets.get("test")):
+    for image in ood_test_images(data, sets.get(first_test)):
         entry = categories.setdefault(image.category, {
             "expect": "refuse" if image.expect_refusal else "pass", "images": 0, "refused": 0,
             "unreadable": 0, "reasons": Counter(), "_correct": []})

@@ -13,6 +13,7 @@ from brainmri.imaging import ImageError
 from brainmri.imaging import crop_to_head
 from brainmri.imaging import decode_image
 from brainmri.imaging import load_scan
+from brainmri.imaging import preprocess
 from brainmri.imaging import strip_frame
 
 from conftest import encode
@@ -127,12 +128,25 @@ def test_wide_frame_survives_jpeg():
     assert crop.shape[0] < 160  # the head, not the whole 200 px screenshot
 
 
-def test_thin_frame_and_black_padding_are_left_alone():
-    """Frames under 5% of the side and dark padding are not touched (the training data has
-    thin white frames, and the model learned with them)."""
+@pytest.mark.parametrize("depth", [1, 3, 9])
+def test_thin_frames_are_stripped(depth):
+    """Preprocessing v2: a white frame of any depth (1-21 px in SARTAJ) is removed, on every
+    edge or only one, so it neither defeats the head crop nor shows as a white line."""
     gray = synthetic_slice(200).astype(np.float32)
-    thin = cv2.copyMakeBorder(gray, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=255)
-    assert strip_frame(thin) is thin
+    thin = cv2.copyMakeBorder(gray, depth, depth, depth, depth, cv2.BORDER_CONSTANT, value=255)
+    np.testing.assert_array_equal(strip_frame(thin), gray)
+    one_side = cv2.copyMakeBorder(gray, 0, 0, depth, 0, cv2.BORDER_CONSTANT, value=255)
+    np.testing.assert_array_equal(strip_frame(one_side), gray)
+    model_input = preprocess(thin, 64)[..., 0]
+    # No white line left on the border of what the model sees.
+    assert max(model_input[0].min(), model_input[-1].min(), model_input[:, 0].min(),
+               model_input[:, -1].min()) < 0.5
+    np.testing.assert_allclose(model_input, preprocess(gray, 64)[..., 0], atol=0.02)
+
+
+def test_black_padding_and_uniform_images_are_left_alone():
+    """Dark padding is background, not a frame; a uniform image is not a frame around anything."""
+    gray = synthetic_slice(200).astype(np.float32)
     padded = cv2.copyMakeBorder(gray, 40, 40, 40, 40, cv2.BORDER_CONSTANT, value=0)
     assert strip_frame(padded) is padded
     uniform = np.full((50, 50), 200, np.float32)
