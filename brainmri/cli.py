@@ -231,6 +231,8 @@ def _echo_trust(trust: dict) -> None:
     for name, r in trust["false_refusal"].items():
         click.echo(f"{name:>20}: false refusals {r['refused']}/{r['images']} = {r['rate']:.4f} {r['reasons']}")
     ood = trust["ood"]
+    if "categories" in (ood.get("real_held_out") or {}):
+        _echo_held_out(ood["real_held_out"])
     if "categories" not in ood:
         click.echo(ood.get("note", ""))
         return
@@ -286,9 +288,12 @@ def compare_command(data: tuple[Path, ...], model_paths: tuple[Path, ...], out: 
               default=None, help=_MODEL_HELP)
 @click.option("--target-accuracy", default=0.98, show_default=True,
               help="Accuracy that predictions not flagged 'uncertain' must reach on validation.")
+@click.option("--ood-data", type=_DIR, default=None,
+              help="Real images that are not brain MRI, by category, with SOURCES.tsv "
+                   "[default: $BRAINMRI_OOD_DATA or ../shared/data/ood_train].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_accuracy: float,
-                      cache_dir: Path | None) -> None:
+                      ood_data: Path | None, cache_dir: Path | None) -> None:
     """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
     from . import trust
 
@@ -296,7 +301,8 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
         result = trust.calibrate(model_path, list(data), cache_dir=cache_dir,
-                                 target_accuracy=target_accuracy, progress=update)
+                                 target_accuracy=target_accuracy, progress=update,
+                                 ood_root=ood_data)
     c, o = result["calibration"], result["ood"]
     click.echo(f"Temperature {c['temperature']:.4f} (val NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
                f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, n={c['images']})")
@@ -306,6 +312,20 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
     for name, (low, high) in o["bounds"].items():
         click.echo(f"  OOD bound {name:>18}: [{low}, {high}]")
     click.echo(f"Val refusal rate {o['val_refusal_rate']:.4f}; updated {result['metadata']}")
+    _echo_held_out(o["held_out"])
+
+
+def _echo_held_out(held: dict) -> None:
+    """Refusal of each real category (and source) by a guard that never saw it."""
+    click.echo("Guard on real images it never saw (leave-one-category-out, then -source-out):")
+    for category, tally in held["categories"].items():
+        sources = held["sources"].get(category, {})
+        worst = min((t["rate"] for t in sources.values()), default=None)
+        extra = f"; worst held-out source {worst:.3f} of {len(sources)}" if sources else ""
+        click.echo(f"  {category:>38}: refused {tally['refused']:3d}/{tally['images']:3d} "
+                   f"= {tally['rate']:.3f}{extra}")
+    click.echo(f"  overall {held['overall']:.4f} of {held['images']} images; worst category "
+               f"{held['worst_category'][1]} {held['worst_category'][0]:.3f}")
 
 
 def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:

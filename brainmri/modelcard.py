@@ -27,7 +27,7 @@ __all__ = [
 # Canonical class names; every response lists probabilities in this order.
 CLASSES = ("glioma", "meningioma", "no_tumor", "pituitary")
 
-TRAIN_HINT = "uv run brainmri train --data ../shared/data/sartaj"
+TRAIN_HINT = "uv run brainmri train --data ../shared/data/sartaj --data ../shared/data/lgg"
 
 
 class ModelError(RuntimeError):
@@ -106,6 +106,15 @@ def read_model_card(model_path: Path, verify_sha256: bool = True) -> ModelCard:
         raise ModelError(
             f"Model metadata {meta_path.name} lists classes {list(classes)}; "
             f"expected each of {list(CLASSES)} at most once."
+        )
+    from .imaging import PREPROCESSING_VERSION
+
+    trained_with = (raw.get("preprocessing") or {}).get("version")
+    if trained_with is not None and int(trained_with) != PREPROCESSING_VERSION:
+        # Serving it would feed the network inputs prepared unlike its training images.
+        raise ModelError(
+            f"{model_path.name} was trained on preprocessing version {trained_with}, but this "
+            f"code prepares version {PREPROCESSING_VERSION} inputs; retrain it with: {TRAIN_HINT}."
         )
     if verify_sha256:
         actual = file_sha256(model_path)

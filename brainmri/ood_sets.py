@@ -27,8 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["OODImage", "mri_variants", "photo_images", "ct_images", "synthetic_images",
-           "exposure_negatives", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
+__all__ = ["OODImage", "RealNegative", "mri_variants", "photo_images", "ct_images",
+           "synthetic_images", "exposure_negatives", "real_negatives", "as_mr_dicom",
+           "default_ood_root", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
 # Test categories whose transform family the exposure head saw (on training-split images).
@@ -44,6 +45,71 @@ class OODImage:
     data: bytes
     expect_refusal: bool
     label: str | None = None  # the true class, for transformed MRIs
+
+
+@dataclass(frozen=True)
+class RealNegative:
+    """One real image that is not a brain MRI slice (`ood_train/`), with its category and source."""
+
+    category: str
+    source: str  # the repository it came from
+    path: Path
+
+
+def default_ood_root() -> Path:
+    """`$BRAINMRI_OOD_DATA`, else `ood_train/` beside the data sets (`../shared/data/ood_train`)."""
+    import os
+
+    from .config import PROJECT_ROOT
+
+    default = PROJECT_ROOT.parent / "shared" / "data" / "ood_train"
+    return Path(os.environ.get("BRAINMRI_OOD_DATA", default))
+
+
+def real_negatives(root: Path) -> list[RealNegative]:
+    """Every image listed in `root/SOURCES.tsv` (category, repo, ..., output_file) that exists.
+
+    Raises:
+        FileNotFoundError: `root` has no SOURCES.tsv.
+    """
+    import csv
+
+    root = Path(root)
+    with (root / "SOURCES.tsv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    found = []
+    for row in rows:
+        path = root / row["output_file"]
+        if path.is_file():
+            found.append(RealNegative(row["category"], row["repo"], path))
+    return found
+
+
+def as_mr_dicom(grey: np.ndarray) -> bytes:
+    """An 8-bit MONOCHROME2 MR DICOM holding `grey`: the DICOM version of a PNG/JPEG slice."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import MRImageStorage
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(grey, np.uint8).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _png(image: np.ndarray) -> bytes:

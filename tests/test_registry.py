@@ -208,3 +208,17 @@ def test_preflight_reports_what_a_worker_would(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASK_BRAINMRI_MODEL_DIR", str(tmp_path))
     assert "No trained model" in preflight.check_models()
     assert preflight.main() == preflight.APP_LOAD_ERROR
+
+
+def test_a_model_of_another_preprocessing_version_is_refused(tmp_path):
+    """A network trained on version-1 inputs is not served version-2 inputs without a word."""
+    from brainmri.imaging import PREPROCESSING_VERSION
+    from brainmri.modelcard import read_model_card
+
+    path = tmp_path / "old.h5"
+    path.write_bytes(b"old" * 10)
+    write_model_card(path, {"name": "old", "classes": list(CLASSES),
+                            "input": {"size": 32, "channels": 1},
+                            "preprocessing": {"version": PREPROCESSING_VERSION - 1}})
+    with pytest.raises(ModelError, match="preprocessing version"):
+        read_model_card(path)
