@@ -112,7 +112,11 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
 @click.option("--name", default=None, help="Model file stem [default: brainmri_<arch>].")
 @click.option("--epochs", default=60, show_default=True, help="Upper bound; early stopping ends sooner.")
 @click.option("--epoch-images", default=3072, show_default=True,
-              help="Images per epoch, drawn equally from every (collection, class) cell.")
+              help="Images drawn per epoch (balanced, see --balance).")
+@click.option("--balance", type=click.Choice(["collection", "cell"]), default="collection",
+              show_default=True,
+              help="collection: each collection draws alike, its classes evenly; cell: each "
+                   "(collection, class) draws alike.")
 @click.option("--max-minutes", default=28.0, show_default=True,
               help="Wall-clock budget for the training loop (stops after the epoch that crosses it).")
 @click.option("--size", default=128, show_default=True, help="Square input side in pixels.")
@@ -127,7 +131,7 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Preprocessed-image cache [default: $BRAINMRI_CACHE or ./.cache/brainmri].")
 def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, name: str | None,
-                  epochs: int, epoch_images: int, max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
+                  epochs: int, epoch_images: int, balance: str, max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
                   cache_dir: Path | None) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
@@ -144,7 +148,7 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
         arch=arch, weights=None if weights == "none" else weights,
         name=name or f"brainmri_{arch}",
         size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        max_minutes=max_minutes, epoch_images=epoch_images,
+        max_minutes=max_minutes, epoch_images=epoch_images, balance=balance,
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )
@@ -392,8 +396,15 @@ def _csv_row(path: Path, outcome: Outcome) -> list[str]:
 @click.option("--no-guard", is_flag=True,
               help="Research use: give a class even to files the out-of-distribution guard "
                    "would refuse (a DICOM of another modality than MR is still refused).")
+@click.option("--engine", type=click.Choice(["plain", "ray"]), default="plain", show_default=True,
+              help="plain: this process. ray: Ray Data tasks read and preprocess the files, "
+                   "actors holding the model classify them; same answers (uv sync --extra ray).")
+@click.option("--address", default=None,
+              help="With --engine ray: the Ray cluster to join (auto, ray://head:10001) "
+                   "[default: a local Ray instance for this run].")
 def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | None,
-                    batch_size: int, no_guard: bool) -> None:
+                    batch_size: int, no_guard: bool, engine: str = "plain",
+                    address: str | None = None) -> None:
     """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV, screened like an upload.
 
     Each file takes the page's and the API's path (inference.py): refusals get refused=true
@@ -402,9 +413,13 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
     from . import inference
     from .predictor import Predictor
 
+    if address is not None and engine != "ray":
+        raise click.BadParameter("only with --engine ray", param_hint="--address")
     files, skipped = _find_inputs(list(paths))
-    predictor = Predictor.from_path(_model_or_default(model_path))
-    predictor.load()
+    model = _model_or_default(model_path)
+    predictor = Predictor.from_path(model)
+    if engine == "plain":  # the Ray engine loads the model in its actors, not here
+        predictor.load()
     threshold = inference.uncertain_threshold(predictor, DEFAULTS["BRAINMRI_UNCERTAIN_BELOW"])
     if no_guard:
         click.echo("Guard off (--no-guard): files that are not brain MRI slices get a class too.",
@@ -412,6 +427,23 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
     elif getattr(predictor, "guard", None) is None:
         click.echo("This model has no fitted out-of-distribution guard (run `brainmri "
                    "calibrate`); only DICOM files of another modality are refused.", err=True)
+    if engine == "ray":
+        counts = _predict_with_ray(files, model, csv_path, batch_size, threshold,
+                                   not no_guard, address)
+    else:
+        counts = _predict_plain(files, predictor, csv_path, batch_size, threshold, not no_guard)
+    if skipped:
+        click.echo(_skipped_text(skipped))
+    click.echo(f"Wrote {csv_path}: {counts['classified']} classified ({counts['uncertain']} "
+               f"uncertain), {counts['refused']} refused, {counts['unreadable']} unreadable, "
+               f"{sum(skipped.values())} skipped")
+
+
+def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int,
+                   threshold: float, guard: bool) -> Counter[str]:
+    """The plain engine: chunks of `batch_size` files, one forward pass each, in this process."""
+    from . import inference
+
     counts: Counter[str] = Counter()
     with csv_path.open("w", newline="", encoding="utf-8") as handle, \
             _progress_bar(len(files), "Classifying") as bar:
@@ -428,7 +460,7 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
                     outcomes[position] = inference.Outcome(error=exc)
             # Every file of the chunk prepared, then one batched forward pass (and guard).
             classified = inference.classify_many(predictor, [data for _, data in read], threshold,
-                                                 guard=not no_guard, isolate=True)
+                                                 guard=guard, isolate=True)
             outcomes.update(zip((position for position, _ in read), classified))
             for position, path in enumerate(chunk):
                 outcome = outcomes[position]
@@ -440,11 +472,7 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
                     counts["refused" if outcome.refused else "unreadable"] += 1
             handle.flush()
             bar.update(len(chunk))
-    if skipped:
-        click.echo(_skipped_text(skipped))
-    click.echo(f"Wrote {csv_path}: {counts['classified']} classified ({counts['uncertain']} "
-               f"uncertain), {counts['refused']} refused, {counts['unreadable']} unreadable, "
-               f"{sum(skipped.values())} skipped")
+    return counts
 
 
 @cli.command("audit", with_appcontext=False)
@@ -488,3 +516,61 @@ def audit_command(data: Path, distance: int | None, show: int, cache_dir: Path |
         for path, why in list(dataset.errors.items())[:show]:
             click.echo(f"  {path}: {why}")
 
+
+
+@cli.command("export", with_appcontext=False)
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help=_MODEL_HELP)
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "onnx"]), required=True,
+              help="savedmodel: a folder for TF Serving; onnx: a file for Triton or onnxruntime.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Where to write it (a new folder, e.g. exports/brainmri/1, or a .onnx file); "
+                   "the metadata JSON goes beside it.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset (onnx only).")
+def export_command(model_path: Path | None, fmt: str, out: Path, opset: int) -> None:
+    """Export a model: preprocessed (N, size, size, 1) float32 in [0, 1] in, softmax out.
+
+    Classes, input size, preprocessing version and temperature are written to a JSON beside
+    the export; preprocessing, temperature scaling and the out-of-distribution guard stay
+    with the caller.
+    """
+    from . import export
+
+    if fmt == "onnx" and out.suffix != ".onnx":
+        raise click.BadParameter("an ONNX export is a file ending in .onnx", param_hint="--out")
+    try:
+        result = export.export_model(_model_or_default(model_path), fmt, out, opset=opset)
+    except (ModelError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    meta = result.metadata
+    click.echo(f"Wrote {result.path} ({meta['format']}, {meta['model']['name']}: "
+               f"{meta['input']['name']} {meta['input']['shape']} -> {meta['output']['name']} "
+               f"{meta['output']['shape']}) and {result.metadata_path}")
+    click.echo(f"Largest difference from Keras on {meta['check']['inputs']} check inputs: "
+               f"{result.max_abs_diff:.2e}; temperature {meta['calibration']['temperature']:g} "
+               f"(apply it to the output), preprocessing version {meta['preprocessing']['version']}")
+
+
+def _predict_with_ray(files: list[Path], model: Path, csv_path: Path, batch_size: int,
+                      threshold: float, guard: bool, address: str | None) -> Counter[str]:
+    """The Ray engine (raybatch.py): the same chunks and rows, scored by Ray tasks and actors."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # the optional "ray" extra
+        raise click.ClickException("--engine ray needs Ray: uv sync --extra ray")
+    from . import raybatch
+
+    counts: Counter[str] = Counter()
+    with csv_path.open("w", newline="", encoding="utf-8") as handle, \
+            _progress_bar(len(files), "Classifying (Ray)") as bar:
+        writer = csv.writer(handle)
+        writer.writerow(PREDICT_COLUMNS)
+        for chunk in raybatch.predict_chunks(files, model, batch_size, threshold, guard=guard,
+                                             address=address):
+            for result in chunk:
+                writer.writerow(result.row)
+                counts[result.kind] += 1
+                counts["uncertain"] += int(result.uncertain)
+            handle.flush()
+            bar.update(len(chunk))
+    return counts

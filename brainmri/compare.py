@@ -72,8 +72,19 @@ def _split_signature(model_path: Path) -> tuple[dict[str, dict[str, list[str]]],
 
 
 def _check_same_splits(model_paths: list[Path]) -> None:
-    """Every pair of models must split each collection they share identically."""
+    """Every pair of models must split each collection they share identically.
+
+    Blank slices (`dataset.no_head_in_view`) are left out of the comparison: a manifest written
+    before they were set aside lists them in a split, a newer one as `excluded`, and no
+    evaluation set scores them either way.
+    """
     signatures = [(path, *_split_signature(path)) for path in model_paths]
+    blank = {p for _, sig, _ in signatures for splits in sig.values()
+             for p in splits.get("excluded", [])}
+    signatures = [(path, {c: {n: [p for p in paths if p not in blank]
+                              for n, paths in splits.items() if n != "excluded"}
+                          for c, splits in sig.items()}, seed)
+                  for path, sig, seed in signatures]
     first_path, _, first_seed = signatures[0]
     for path, _, seed in signatures[1:]:
         if seed != first_seed:

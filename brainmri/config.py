@@ -59,13 +59,20 @@ DEFAULTS: dict[str, Any] = {
     # are usually over-confident, so the real error rate there is higher still. 0.6 errs on the
     # side of saying "uncertain". Provisional: a later issue calibrates it on validation data.
     "BRAINMRI_UNCERTAIN_BELOW": 0.6,
-    # Predictions per client address and worker (ratelimit.py): a token bucket refilling at this
-    # rate ("N/second|minute|hour", or an int per minute; null or 0 turns it off) and holding
+    # Predictions per client address (ratelimit.py, Flask-Limiter): a token bucket refilling at
+    # this rate ("N/second|minute|hour", or an int per minute; null or 0 turns it off) and holding
     # BURST tokens. A person uploading slices by hand or a script that waits for each answer
     # stays far below one a second; a client looping as fast as it can is cut to the rate.
     "BRAINMRI_RATE_LIMIT": "60/minute",
     "BRAINMRI_RATE_LIMIT_BURST": 30,
-    # Clients remembered per worker; idle ones are dropped first (bounded memory).
+    # Where the buckets live. memory:// = in each worker process (W workers: up to W times the
+    # limit, nothing to run); a Redis URI (redis://host:6379/0, rediss://, redis+sentinel://,
+    # redis+cluster://) = one bucket per client for every worker and host. If Redis is down,
+    # each worker falls back to its own in-memory buckets until it answers again.
+    "RATELIMIT_STORAGE_URI": "memory://",
+    # Seconds a Redis connect or command may take before that request falls back to memory.
+    "RATELIMIT_STORAGE_TIMEOUT": 0.5,
+    # Clients remembered per worker in memory; idle ones are dropped first (bounded memory).
     "BRAINMRI_RATE_LIMIT_MAX_CLIENTS": 10_000,
     # Reverse proxies in front of the app that set X-Forwarded-For (werkzeug ProxyFix); 0 = none,
     # so request.remote_addr is the peer. Set it behind nginx, or every user shares one bucket.

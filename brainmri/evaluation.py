@@ -23,6 +23,7 @@ from . import dedup
 from .dataset import UNSPECIFIED
 from .dataset import CachedDataset
 from .dataset import load_datasets
+from .dataset import no_head_in_view
 from .modelcard import CLASSES
 from .splits import split_dataset
 
@@ -179,17 +180,22 @@ def eval_sets(data: CachedDataset, manifest: dict | None) -> list[EvalSet]:
                for name, paths in manifest_splits(manifest).items()} if manifest else {})
     distance = (manifest or {}).get("group_distance", dedup.DEFAULT_MAX_DISTANCE)
     seed = (manifest or {}).get("seed", 42)
+    blank = no_head_in_view(data.images)
+    # Blank slices are scored by no set (the guard's refusal of them is reported instead),
+    # whichever split an older manifest put them in.
+    splits = {name: idx[~blank[idx]] for name, idx in splits.items()}
     sets: list[EvalSet] = []
     for collection in data.roots:
-        members = np.flatnonzero(collections == collection)
+        everyone = np.flatnonzero(collections == collection)
+        members = everyone[~blank[everyone]]
         held = "held-out patients" if _has_patients(data, members) else "leakage-free test split"
         if collection in trained:
             part = {name: idx[collections[idx] == collection] for name, idx in splits.items()}
         else:
             # Never trained on: the split a model trained on this collection would have, so the
             # leave-one-collection-out figure uses the same patients as the in-collection one.
-            plan = split_dataset(data.subset(members), seed=seed, group_distance=distance)
-            part = {name: members[plan.indices(name)] for name in ("test", "official_test")}
+            plan = split_dataset(data.subset(everyone), seed=seed, group_distance=distance)
+            part = {name: everyone[plan.indices(name)] for name in ("test", "official_test")}
             unseen = members[np.array(data.sources)[members] != "test"]
             sets.append(EvalSet(f"{collection}/unseen", unseen,
                                 f"all of {collection}, a collection the model never trained on"))

@@ -61,7 +61,8 @@ def uncertain_threshold(predictor, default: float) -> float:
 
 
 def classify_many(predictor, files: Sequence[bytes], uncertain_below: float, guard: bool = True,
-                  isolate: bool = False) -> list[Outcome]:
+                  isolate: bool = False,
+                  prepared: Sequence[np.ndarray | Exception] | None = None) -> list[Outcome]:
     """Classify several files' bytes with one forward pass; one outcome per file, in order.
 
     Args:
@@ -72,13 +73,22 @@ def classify_many(predictor, files: Sequence[bytes], uncertain_below: float, gua
             naming another modality is still refused, since that is read, not estimated.
         isolate: also turn unexpected exceptions from decoding into that file's error, so a
             batch tool goes on with the other files (the web side lets them become a 500).
+        prepared: each file's `predictor.prepare` result, or the exception it raised, when
+            that ran elsewhere (raybatch.py's Ray tasks); None prepares here. Either way the
+            outcome is decided below, so both give the same answers.
     """
     outcomes: list[Outcome | None] = [None] * len(files)
     ready: list[int] = []
     images: list[np.ndarray] = []
     for index, data in enumerate(files):
         try:
-            images.append(predictor.prepare(data))
+            if prepared is None:
+                image = predictor.prepare(data)
+            elif isinstance(prepared[index], Exception):
+                raise prepared[index]
+            else:
+                image = prepared[index]
+            images.append(image)
         except ImageError as error:
             outcomes[index] = Outcome(error=error)
             continue

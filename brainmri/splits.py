@@ -117,7 +117,10 @@ def split_dataset(
     sequences of a slice are near-copies); in a collection without patient ids, near-duplicate
     groups (pHash) play that role. Each collection's split depends only on its own images and
     the seed, so a model trained on fewer collections has the same split of those it saw.
+    Blank slices (`dataset.no_head_in_view`) are then set aside as `excluded`.
     """
+    from .dataset import no_head_in_view
+
     assignment = np.empty(len(data.paths), dtype=object)
     collections = np.array(data.collections)
     for collection in data.roots:
@@ -135,4 +138,5 @@ def split_dataset(
             exclude_official_test_duplicates=exclude_official_test_duplicates,
         )
         assignment[idx] = plan.assignment
+    assignment[no_head_in_view(data.images)] = EXCLUDED
     return SplitPlan(assignment.astype(str))

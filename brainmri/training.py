@@ -69,6 +69,13 @@ class TrainConfig:
     # a collection whose classes are unbalanced, or a collection that is large, cannot decide
     # the class prior, and an epoch stays the same length whatever the data roots are.
     epoch_images: int = 3072
+    # "collection": every collection draws the same share, split evenly over its classes (a
+    # two-class collection's classes get twice a four-class one's); "cell": every
+    # (collection, class) cell draws the same share.
+    balance: str = "collection"
+    # Lost-resolution augmentation goes down to this fraction of the side: at 0.4 a 128-px
+    # input passes through 51 px, where a small glioma vanishes but keeps its label.
+    min_resolution: float = 0.6
     name: str = "brainmri_cnn"
     version: str = "2.0.0"
 
@@ -130,7 +137,7 @@ def build_model(size: int = 128, widths: tuple[int, ...] = (32, 64, 128), dropou
 def augment_batch(images, max_degrees: float = 15.0, zoom: float = 0.15, shift: float = 0.08,
                   contrast: float = 0.25, brightness: float = 0.1, gamma: float = 0.45,
                   noise: float = 0.03, bias_field: float = 0.35, low_resolution: float = 0.5,
-                  jpeg: float = 0.3):
+                  jpeg: float = 0.3, min_resolution: float = 0.4):
     """Random geometry and the ways scanners and sequences differ, for a (N, H, W, 1) batch in [0, 1].
 
     Flip, rotation, zoom and shift (crop and scale) are one affine resampling per image, ~4×
@@ -168,8 +175,8 @@ def augment_batch(images, max_degrees: float = 15.0, zoom: float = 0.15, shift: 
     # Bias field: a 4x4 random grid, smoothly upsampled, as a multiplicative log-field.
     coarse = tf.random.normal([n, 4, 4, 1]) * tf.random.uniform([n, 1, 1, 1], 0.0, bias_field)
     x = x * tf.exp(tf.image.resize(coarse, size, method="bicubic"))
-    # Lost resolution: down to 40-100 % of the side and back, for a random part of the batch.
-    factor = tf.random.uniform([], 0.4, 1.0)
+    # Lost resolution: down to min_resolution-100 % of the side and back, for part of the batch.
+    factor = tf.random.uniform([], min_resolution, 1.0)
     small = tf.cast(tf.cast(size, tf.float32) * factor, tf.int32)
     blocky = tf.image.resize(tf.image.resize(x, small, method="area"), size, method="bilinear")
     x = tf.where(tf.random.uniform([n, 1, 1, 1]) < low_resolution, blocky, x)
@@ -205,26 +212,38 @@ def balanced_cells(labels: np.ndarray, collections: list[str]) -> list[np.ndarra
     return [np.array(idx) for _, idx in sorted(cells.items())]
 
 
-def balanced_weights(labels: np.ndarray, collections: list[str]) -> np.ndarray:
-    """Per-image weights giving every (collection, class) cell the same total weight (mean 1)."""
+def cell_shares(cells: list[np.ndarray], collections: list[str], balance: str) -> np.ndarray:
+    """Each cell's share of the draws (sums to 1) under the "cell" or "collection" rule."""
+    if balance == "cell":
+        return np.full(len(cells), 1.0 / len(cells))
+    if balance != "collection":
+        raise ValueError(f"balance must be 'cell' or 'collection', got {balance!r}")
+    owner = [collections[int(idx[0])] for idx in cells]
+    per_collection = {c: owner.count(c) for c in owner}
+    return np.array([1.0 / (len(per_collection) * per_collection[c]) for c in owner])
+
+
+def balanced_weights(labels: np.ndarray, collections: list[str],
+                     balance: str = "cell") -> np.ndarray:
+    """Per-image weights giving every cell its share of the total weight (mean 1)."""
     weights = np.zeros(len(labels), np.float32)
     cells = balanced_cells(labels, collections)
-    for idx in cells:
-        weights[idx] = len(labels) / (len(cells) * len(idx))
+    for idx, share in zip(cells, cell_shares(cells, collections, balance)):
+        weights[idx] = len(labels) * share / len(idx)
     return weights
 
 
-def balanced_stream(cells: list[np.ndarray], total: int, seed: int) -> np.ndarray:
-    """`total` indices drawn round-robin from the cells, each cell reshuffled when used up."""
+def balanced_stream(cells: list[np.ndarray], total: int, seed: int,
+                    shares: np.ndarray | None = None) -> np.ndarray:
+    """`total` indices, each cell drawn in proportion to its share and reshuffled when used up."""
     rng = np.random.default_rng(seed)
-    per_cell = -(-total // len(cells))
-    columns = []
-    for idx in cells:
-        draws = [rng.permutation(idx) for _ in range(-(-per_cell // len(idx)))]
-        columns.append(np.concatenate(draws)[:per_cell])
-    stream = np.stack(columns, axis=1)  # (per_cell, cells): each row holds one of every cell
-    stream = rng.permuted(stream, axis=1).reshape(-1)[:total]
-    return stream
+    shares = np.full(len(cells), 1.0 / len(cells)) if shares is None else np.asarray(shares)
+    draws = []
+    for idx, share in zip(cells, shares):
+        count = int(np.ceil(total * share))
+        laps = [rng.permutation(idx) for _ in range(-(-count // len(idx)))]
+        draws.append(np.concatenate(laps)[:count])
+    return rng.permutation(np.concatenate(draws))[:total]
 
 
 def _datasets(images: np.ndarray, labels: np.ndarray, collections: list[str],
@@ -234,19 +253,23 @@ def _datasets(images: np.ndarray, labels: np.ndarray, collections: list[str],
     import tensorflow as tf
 
     steps = max(1, config.epoch_images // config.batch_size)
-    order = balanced_stream(balanced_cells(labels, collections),
-                            steps * config.batch_size * config.epochs, config.seed)
+    cells = balanced_cells(labels, collections)
+    order = balanced_stream(cells, steps * config.batch_size * config.epochs, config.seed,
+                            cell_shares(cells, collections, config.balance))
     pixels, targets = tf.constant(images), tf.constant(labels)
     train = (
         tf.data.Dataset.from_tensor_slices(order)
         .batch(config.batch_size, drop_remainder=True)
-        .map(lambda idx: (augment_batch(tf.gather(pixels, idx)), tf.gather(targets, idx)),
+        .map(lambda idx: (augment_batch(tf.gather(pixels, idx),
+                                        min_resolution=config.min_resolution),
+                          tf.gather(targets, idx)),
              num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
     # Validation loss weighs every (collection, class) cell alike, as training does.
     val = tf.data.Dataset.from_tensor_slices(
-        (val_images, val_labels, balanced_weights(val_labels, val_collections))).batch(128)
+        (val_images, val_labels,
+         balanced_weights(val_labels, val_collections, config.balance))).batch(128)
     return train, val, steps
 
 
@@ -372,7 +395,7 @@ def train(
             "data": data.name,
             "collections": list(data.roots),
             "images": len(data.paths),
-            "sampling": "epoch_images per epoch, equally from every (collection, class) cell",
+            "sampling": f"epoch_images per epoch, balanced by {config.balance}",
             "unreadable": len(data.errors),
             "split_counts": counts,
             "split_counts_by_collection": {

@@ -60,8 +60,13 @@ def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch
 def _split_indices(data: CachedDataset, manifest: dict) -> dict[str, np.ndarray]:
     from .evaluation import manifest_splits
 
+    from .dataset import no_head_in_view
+
     index = {path: i for i, path in enumerate(data.paths)}
-    return {name: np.array([index[p] for p in paths if p in index], dtype=int)
+    blank = no_head_in_view(data.images)
+    # Blank slices neither fit the guard (they would stretch every bound) nor count as refusals.
+    return {name: np.array([index[p] for p in paths if p in index and not blank[index[p]]],
+                           dtype=int)
             for name, paths in manifest_splits(manifest).items()}
 
 
@@ -352,6 +357,15 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                     for seqs in [[data.sequences[i] for i in indices]]
                     for sequence in sorted(set(seqs) - {"unspecified"})}}
     if guard is not None:
+        from .dataset import no_head_in_view
+
+        blank = np.flatnonzero(no_head_in_view(data.images))
+        if len(blank):
+            # Should be refused: a blank frame has no head to classify.
+            _, emb, features, descriptors = measure_images(predictor, data.images[blank],
+                                                           _read(data, blank))
+            report["no_head_in_view"] = _tally(_verdicts(
+                guard, {"emb": emb, "features": features, "descriptors": descriptors}))
         # DICOM copies of every held-out test slice: the same pixels through the DICOM decoder.
         for name in [n for n in sets if n.endswith("/test")]:
             items = []

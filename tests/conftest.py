@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
+import socket
 import struct
+import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -336,3 +340,82 @@ def serve(app: Flask) -> Iterator[str]:
         server.shutdown()
         thread.join(timeout=10)
         server.server_close()
+
+
+def require_redis_server() -> str:
+    """Path of Debian's redis-server; skip with the reason when it is missing, fail under CI=true."""
+    path = os.environ.get("BRAINMRI_REDIS_SERVER") or shutil.which("redis-server")
+    if path:
+        return path
+    reason = "redis-server not installed (apt-get install redis-server); Redis rate-limit tests need it"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port: no persistence, always stopped."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The storage URI the app is given (FLASK_RATELIMIT_STORAGE_URI)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        """A redis-py client for inspecting the server."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start (or restart, on the same port) and wait until it answers PING."""
+        # No RDB snapshots, no AOF: nothing is written, and a restart starts empty.
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
+             "--logfile", str(self.workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                if self.client().ping():
+                    return
+            except redis.RedisError:  # not listening yet, or still loading
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A running redis-server on loopback for one test, stopped afterwards."""
+    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -119,6 +119,7 @@ def test_balanced_stream_draws_every_cell_alike():
     from brainmri.training import balanced_cells
     from brainmri.training import balanced_stream
     from brainmri.training import balanced_weights
+    from brainmri.training import cell_shares
 
     labels = np.array([0] * 90 + [2] * 10 + [0] * 5 + [1] * 45)
     collections = ["a"] * 100 + ["b"] * 50
@@ -131,6 +132,17 @@ def test_balanced_stream_draws_every_cell_alike():
     totals = {k: weights[[i for i in range(150) if (collections[i], labels[i]) == k]].sum()
               for k in keys}
     np.testing.assert_allclose(list(totals.values()), 150 / 4, rtol=1e-5)
+    # "collection": a and b draw half each, each collection's classes evenly.
+    shares = cell_shares(cells, collections, "collection")
+    keys = Counter_of(balanced_stream(cells, 4000, seed=0, shares=shares), labels, collections)
+    assert keys[("a", 0)] == keys[("a", 2)] == 1000
+    assert keys[("b", 0)] == keys[("b", 1)] == 1000
+    unequal = ["a"] * 100 + ["b"] * 40 + ["c"] * 10
+    labels3 = np.array([0] * 50 + [1] * 50 + [0] * 20 + [1] * 20 + [0] * 10)
+    cells3 = balanced_cells(labels3, unequal)
+    keys = Counter_of(balanced_stream(cells3, 6000, 1, cell_shares(cells3, unequal, "collection")),
+                      labels3, unequal)
+    assert keys[("c", 0)] == 2000 and keys[("a", 0)] == keys[("b", 1)] == 1000
 
 
 def Counter_of(stream, labels, collections):
