@@ -67,12 +67,14 @@ class Outcome:
     started: float = 0.0
 
 
-def post_predict(port: int, body: bytes, content_type: str, timeout: float = 60.0) -> Outcome:
+def post_predict(port: int, body: bytes, content_type: str, timeout: float = 60.0,
+                 headers: dict[str, str] | None = None) -> Outcome:
     """POST one prediction; a refused or reset connection is an Outcome with status None."""
     started = time.perf_counter()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.request("POST", "/api/v1/predict", body, {"Content-Type": content_type})
+        conn.request("POST", "/api/v1/predict", body,
+                     {"Content-Type": content_type, **(headers or {})})
         response = conn.getresponse()
         response.read()
         conn.close()
@@ -178,8 +180,10 @@ def run_load(port: int, body: bytes, content_type: str, clients: int, seconds: f
 class GunicornServer:
     """gunicorn (gunicorn.conf.py, main:app) on a free loopback port, logs in a temp file."""
 
-    def __init__(self, env: dict[str, str] | None = None, workers: int | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, workers: int | None = None,
+                 args: list[str] | None = None) -> None:
         self.port = free_port()
+        self.args = list(args or [])  # extra gunicorn options, after (so over) the defaults
         self.env = {**os.environ, "GUNICORN_BIND": f"127.0.0.1:{self.port}",
                     # One loopback address sends everything: per-client limits would answer 429.
                     "FLASK_BRAINMRI_RATE_LIMIT": "0", **(env or {})}
@@ -194,7 +198,7 @@ class GunicornServer:
         log = self.log_path.open("ab")
         # A file, not a pipe: an unread pipe fills up and blocks the workers' log writes.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--access-logfile", "/dev/null"],
+            [sys.executable, "-m", "gunicorn", "--access-logfile", "/dev/null", *self.args],
             cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.started = time.perf_counter()

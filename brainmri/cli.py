@@ -1,4 +1,4 @@
-"""The `brainmri` command: train, evaluate, compare, calibrate, predict, audit; Flask's run/routes.
+"""The `brainmri` command: train, evaluate, compare, calibrate, predict, audit, export; Flask's run.
 
 TensorFlow is imported inside the commands that need it, so `brainmri --help` and `audit`
 stay fast.

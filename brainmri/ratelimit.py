@@ -371,6 +371,8 @@ class BucketLimiter(Limiter):
     def init_app(self, app: Flask) -> None:
         """Set up Flask-Limiter, then swap its window strategy for the token bucket."""
         super().init_app(app)
+        if not self.enabled:  # RATELIMIT_ENABLED=false: Flask-Limiter set nothing up
+            return
         # Flask-Limiter builds its strategies by name from `limits`, which has no token bucket;
         # the storages it connected (from RATELIMIT_STORAGE_URI, and the in-memory fallback)
         # are reused as they are.
@@ -468,6 +470,8 @@ def init_app(app: Flask) -> None:
     )
     limiter.request_filter(_not_a_prediction)
     limiter.init_app(app)
+    if limiter.buckets is None:  # switched off through Flask-Limiter's own RATELIMIT_ENABLED
+        return
     app.extensions[LIMITER_KEY] = limiter
     app.extensions[EXTENSION_KEY] = limiter.buckets
     app.register_error_handler(RateLimitExceeded, _rate_limited)

@@ -9,7 +9,10 @@ The pipeline has the plain engine's chunks (``--batch-size`` files, in order) as
    each chunk with `inference.classify_many`, given the tasks' arrays, exactly as the plain
    engine does in one process: same chunks, one forward pass each, the same guard,
    calibration and "uncertain" threshold, so the same answers, and the CSV row is built by
-   the same function.
+   the same function. The actors run TensorFlow with the thread count the plain engine would
+   use on the machine the command runs on (TF_NUM_INTRAOP_THREADS, else every core): with
+   another count TensorFlow adds in another order and probabilities move in the 6th decimal.
+   On a cluster of many-core nodes set TF_NUM_INTRAOP_THREADS=1 for both engines.
 3. The driver writes the rows in file order as chunks finish (Ray Data's preserve_order).
 
 The model travels through Ray's object store (the nodes need not see ``model/``); the files are
@@ -111,8 +114,9 @@ class Scorer:
 
     def __init__(self, model: bytes, metadata: bytes, name: str, uncertain_below: float,
                  guard: bool, threads: int) -> None:
-        # One TensorFlow thread per CPU Ray gave this actor, set before TensorFlow starts.
-        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        # The plain engine's thread count, set before TensorFlow starts: TensorFlow splits its
+        # sums by thread, and another count changes probabilities in the 6th decimal.
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
         from .modelcard import metadata_path_for
         from .predictor import Predictor
 
@@ -159,6 +163,14 @@ class Scorer:
                 rows.append([_csv_row(Path(str(path)), outcome), kind, uncertain])
             results.append(json.dumps(rows))
         return {"chunk": batch["chunk"], "rows": np.array(results, dtype=object)}
+
+
+def _cores() -> int:
+    """Cores this process may run on (TensorFlow's default thread count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS
+        return os.cpu_count() or 1
 
 
 def _quiet_ray() -> None:
@@ -209,6 +221,8 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
         import ray.data
 
         cpus = int(ray.cluster_resources().get("CPU", 1))
+        # What `--engine plain` would use here: TF_NUM_INTRAOP_THREADS, else every core.
+        threads = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or 0) or _cores()
         chunks = [{"chunk": k, "paths": [str(p) for p in files[start : start + batch_size]]}
                   for k, start in enumerate(range(0, len(files), batch_size))]
         # One block per chunk, so every chunk can be prepared by its own task.
@@ -222,7 +236,7 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
             fn_constructor_kwargs={"model": model, "metadata": metadata, "name": copy.name,
                                    "uncertain_below": uncertain_below, "guard": guard,
-                                   "threads": 1})
+                                   "threads": threads})
         for item in scored.iter_rows():
             yield [ChunkResult(row, kind, uncertain)
                    for row, kind, uncertain in json.loads(item["rows"])]

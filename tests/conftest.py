@@ -44,6 +44,20 @@ def require_real_data() -> Path:
     pytest.skip(reason)
 
 
+# The second collection: $BRAINMRI_LGG_DATA, else ../shared/data/lgg beside the checkout.
+LGG_DATA = Path(os.environ.get("BRAINMRI_LGG_DATA", REAL_DATA.parent / "lgg"))
+
+
+def require_lgg_data() -> Path:
+    """The LGG collection's folder; skip with the reason when it is missing, fail under CI=true."""
+    if (LGG_DATA / "slices.csv").is_file() and (LGG_DATA / "glioma").is_dir():
+        return LGG_DATA
+    reason = f"LGG collection not found at {LGG_DATA} (set BRAINMRI_LGG_DATA to the lgg folder)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}
 
 

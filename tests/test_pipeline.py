@@ -68,10 +68,13 @@ def test_train_writes_model_metadata_history_and_splits(trained, synthetic_data)
     assert meta["training"]["epochs_run"] == 1
     counts = meta["training"]["split_counts"]
     assert sum(counts["official_test"].values()) == 16
-    splits = json.loads(model_path.with_suffix(".splits.json").read_text())["splits"]
+    manifest = json.loads(model_path.with_suffix(".splits.json").read_text())
+    assert manifest["collections"] == [synthetic_data.name]
+    splits = manifest["splits"]
+    testing = f"{synthetic_data.name}/Testing/"  # paths name their collection
     assert not set(splits["test"]) & set(splits["train"])
-    assert all(path.startswith("Testing/") for path in splits["official_test"])
-    assert not any(path.startswith("Testing/") for path in splits["train"] + splits["val"])
+    assert all(path.startswith(testing) for path in splits["official_test"])
+    assert not any(path.startswith(testing) for path in splits["train"] + splits["val"])
     history = json.loads(model_path.with_suffix(".history.json").read_text())
     assert len(history["loss"]) == 1
 
@@ -85,17 +88,20 @@ def test_evaluate_writes_metrics_and_plots(trained, synthetic_data, tmp_path):
                                       str(cache), "--write-metadata"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"test", "val", "official_test", "official_test_novel"} <= set(metrics["sets"])
-    official = metrics["sets"]["official_test"]
+    c = synthetic_data.name  # sets are named "<collection>/<set>"
+    assert {f"{c}/{name}" for name in ("test", "val", "official_test", "official_test_novel")} \
+        <= set(metrics["sets"])
+    official = metrics["sets"][f"{c}/official_test"]
     assert official["images"] == 16
     assert sum(map(sum, official["confusion_matrix"]["rows_true_cols_predicted"])) == 16
     assert set(official["per_class"]) == set(CLASSES)
-    for name in ("confusion_official_test.png", "roc_official_test.png",
-                 "reliability_test.png", "confidence_test.png", "training_curves.png"):
+    assert {"sensitivity", "specificity"} <= set(official["tumor_vs_no_tumor"])
+    for name in (f"confusion_{c}_official_test.png", f"roc_{c}_official_test.png",
+                 f"reliability_{c}_test.png", f"confidence_{c}_test.png", "training_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
     # The headline figures are stored in the metadata, and the sha256 still verifies.
     card = read_model_card(model_path)
-    assert card.raw["evaluation"]["official_test"]["images"] == 16
+    assert card.raw["evaluation"][f"{c}/official_test"]["images"] == 16
 
 
 def test_predict_writes_csv_with_error_rows(trained, synthetic_data, tmp_path):
@@ -129,7 +135,7 @@ def test_cache_holds_exactly_what_serving_computes(synthetic_data, trained):
     _, cache = trained
     data = load_dataset(synthetic_data, 32, cache_dir=cache)
     for i in (0, len(data.paths) - 1):
-        served = load_scan((synthetic_data / data.paths[i]).read_bytes(), 32)
+        served = load_scan(data.file(i).read_bytes(), 32)
         np.testing.assert_array_equal(data.images[i], served)
 
 
@@ -170,9 +176,11 @@ def test_compare_measures_every_model_on_the_same_splits(trained, second_model, 
     report = json.loads((tmp_path / "compare.json").read_text())
     rows = {row["name"]: row for row in report["models"]}
     assert set(rows) == {"brainmri_cnn", "brainmri_mobilenetv2"}
+    c = synthetic_data.name
     for row in rows.values():
-        assert row["sets"]["official_test"]["images"] == 16
-        assert row["sets"]["test"]["images"] == rows["brainmri_cnn"]["sets"]["test"]["images"]
+        assert row["sets"][f"{c}/official_test"]["images"] == 16
+        assert (row["sets"][f"{c}/test"]["images"]
+                == rows["brainmri_cnn"]["sets"][f"{c}/test"]["images"])
         assert row["latency_ms"] > 0 and row["file_mb"] > 0 and row["epochs"] == 1
     table = (tmp_path / "compare.md").read_text()
     assert table.count("| brainmri_") == 2
@@ -200,4 +208,4 @@ def test_compare_refuses_models_from_different_splits(trained, second_model, syn
         str(other / "brainmri_mobilenetv2.h5"), "--out", str(tmp_path), "--cache-dir", str(cache),
     ])
     assert result.exit_code != 0
-    assert "different splits" in result.output
+    assert "differently" in result.output

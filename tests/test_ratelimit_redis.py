@@ -1,7 +1,7 @@
-"""Rate limits shared through a real redis-server (RATELIMIT_STORAGE_URI), and Redis going away.
+"""Rate limits on Flask-Limiter: shared through a real redis-server, and Redis going away.
 
 The behaviour is the in-memory one (tests/test_ratelimit.py); what changes is where the buckets
-live. Each test starts its own redis-server on a free loopback port, without persistence
+live (RATELIMIT_STORAGE_URI). Each test starts its own redis-server on a free loopback port, without persistence
 (conftest.RedisServer); without the binary they skip, and under CI=true they fail.
 """
 
@@ -20,6 +20,8 @@ import pytest
 from brainmri.ratelimit import EXTENSION_KEY as BUCKETS_KEY
 from brainmri.ratelimit import RateLimiter
 from brainmri.ratelimit import RedisBuckets
+from brainmri.ratelimit import limit_string
+from brainmri.ratelimit import parse_rate
 from conftest import encode
 from conftest import synthetic_slice
 from test_ratelimit import limited_app
@@ -149,6 +151,24 @@ def test_unreachable_redis_at_start_still_serves(png_bytes):
     app, _ = limited_app(RATELIMIT_STORAGE_URI=url, BRAINMRI_RATE_LIMIT_BURST=2)
     client = app.test_client()
     assert [post_api(client, png_bytes).status_code for _ in range(3)] == [200, 200, 429]
+
+
+@pytest.mark.parametrize(("rate", "text"), [("2/second", "2/second"), ("6/minute", "6/minute"),
+                                            ("1.5/second", "90/minute"), ("1/hour", "1/hour"),
+                                            (90, "90/minute")])
+def test_the_limit_is_named_in_flask_limiters_notation(rate, text):
+    """The rate as Flask-Limiter parses it (its name and key); the bucket keeps the exact rate."""
+    assert limit_string(parse_rate(rate)) == text
+    app, _ = limited_app(BRAINMRI_RATE_LIMIT=rate)
+    assert app.extensions[BUCKETS_KEY].rate == parse_rate(rate)
+
+
+def test_flask_limiters_own_switch_turns_it_off(png_bytes):
+    """RATELIMIT_ENABLED=false (Flask-Limiter's setting) also means no limit."""
+    app, _ = limited_app(RATELIMIT_ENABLED=False, BRAINMRI_RATE_LIMIT_BURST=1)
+    assert BUCKETS_KEY not in app.extensions
+    client = app.test_client()
+    assert all(post_api(client, png_bytes).status_code == 200 for _ in range(3))
 
 
 def test_unsupported_storage_is_refused_at_start():

@@ -1,7 +1,8 @@
-"""Regression tests of the shipped model on the real data set (inference is deterministic).
+"""Regression tests of the shipped model on the real collections (inference is deterministic).
 
-The data set is read from $BRAINMRI_DATA, else ../shared/data/sartaj beside the checkout. When it
-is missing these tests skip with the reason, except under CI=true, where they fail.
+SARTAJ is read from $BRAINMRI_DATA, else ../shared/data/sartaj, and LGG from $BRAINMRI_LGG_DATA,
+else ../shared/data/lgg, beside the checkout. When one is missing these tests skip with the
+reason, except under CI=true, where they fail.
 """
 
 import json
@@ -15,6 +16,7 @@ from brainmri.config import DEFAULTS
 from brainmri.modelcard import CLASSES
 
 from conftest import REAL_DATA
+from conftest import require_lgg_data
 from conftest import require_real_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -25,14 +27,14 @@ MODEL = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"  # the custom C
 
 @pytest.fixture(scope="module")
 def shipped():
-    """The shipped predictor, loaded, and the cached real data set at its input size."""
-    from brainmri.dataset import load_dataset
+    """The shipped predictor, loaded, and both cached real collections at its input size."""
+    from brainmri.dataset import load_datasets
     from brainmri.predictor import Predictor
 
-    root = require_real_data()
+    roots = [require_real_data(), require_lgg_data()]
     predictor = Predictor.from_path(MODEL)  # verifies the sha256 in the metadata
     predictor.load()
-    return predictor, load_dataset(root, predictor.input_size)
+    return predictor, load_datasets(roots, predictor.input_size)
 
 
 def _accuracy(predictor, data, indices) -> float:
@@ -43,7 +45,14 @@ def _accuracy(predictor, data, indices) -> float:
 
 
 def _manifest() -> dict:
-    return json.loads(MODEL.with_suffix(".splits.json").read_text())
+    from brainmri.evaluation import manifest_splits
+
+    return manifest_splits(json.loads(MODEL.with_suffix(".splits.json").read_text()))
+
+
+def _split(data, name: str, collection: str) -> np.ndarray:
+    index = {path: i for i, path in enumerate(data.paths)}
+    return np.array([index[p] for p in _manifest()[name] if p.startswith(f"{collection}/")])
 
 
 def test_official_testing_accuracy_stays_above_target(shipped):
@@ -53,28 +62,66 @@ def test_official_testing_accuracy_stays_above_target(shipped):
     accuracy = _accuracy(predictor, data, official)
     assert accuracy >= 0.78
     # The figure in the metadata is the one this deterministic model reproduces.
-    recorded = predictor.card.raw["evaluation"]["official_test"]["accuracy"]
+    recorded = predictor.card.raw["evaluation"]["sartaj/official_test"]["accuracy"]
     assert accuracy == pytest.approx(recorded, abs=1e-3)
 
 
 def test_leakage_free_test_split_accuracy_stays_above_target(shipped):
     predictor, data = shipped
-    index = {path: i for i, path in enumerate(data.paths)}
-    test = np.array([index[p] for p in _manifest()["splits"]["test"]])
-    assert _accuracy(predictor, data, test) >= 0.92
+    assert _accuracy(predictor, data, _split(data, "test", "sartaj")) >= 0.92
+
+
+def test_lgg_held_out_patients_reproduce_the_recorded_figures(shipped):
+    """The any-tumour sensitivity and specificity in the metadata, per sequence, on LGG patients
+    the model never trained on (blank slices excluded, as the evaluation does)."""
+    from brainmri.dataset import no_head_in_view
+
+    predictor, data = shipped
+    test = _split(data, "test", "lgg")
+    test = test[~no_head_in_view(data.images[test])]
+    probs = np.concatenate([predictor.predict_arrays(data.images[test[i : i + 256]])
+                            for i in range(0, len(test), 256)])
+    no_tumor = predictor.labels.index("no_tumor")
+    said_tumor = probs.argmax(1) != no_tumor
+    is_tumor = np.array([data.labels[i] != "no_tumor" for i in test])
+    recorded = predictor.card.raw["evaluation"]["lgg/test"]["by_sequence"]
+    sequences = np.array([data.sequences[i] for i in test])
+    assert set(recorded) == {"t1", "t1c", "flair"}
+    for sequence, figures in recorded.items():
+        keep = sequences == sequence
+        sensitivity = said_tumor[keep & is_tumor].mean()
+        specificity = (~said_tumor[keep & ~is_tumor]).mean()
+        assert sensitivity == pytest.approx(figures["sensitivity"], abs=1e-3)
+        assert specificity == pytest.approx(figures["specificity"], abs=1e-3)
+        # Far above the SARTAJ-only baseline (0.25-0.68 sensitivity, 0.34-0.66 specificity).
+        assert sensitivity >= 0.7 and specificity >= 0.6
 
 
 def test_no_test_image_has_a_near_duplicate_in_training(shipped):
     _, data = shipped
     manifest = _manifest()
+    raw = json.loads(MODEL.with_suffix(".splits.json").read_text())
     index = {path: i for i, path in enumerate(data.paths)}
-    groups = dedup.group_near_duplicates(data.hashes, manifest["group_distance"])
-    splits = {name: {int(groups[index[p]]) for p in paths} for name, paths in manifest["splits"].items()}
+    sartaj = [i for i, c in enumerate(data.collections) if c == "sartaj"]
+    groups = dict(zip(sartaj, dedup.group_near_duplicates(data.hashes[sartaj],
+                                                          raw["group_distance"]).tolist()))
+    splits = {name: {groups[index[p]] for p in paths if p.startswith("sartaj/")}
+              for name, paths in manifest.items()}
     assert not splits["test"] & (splits["train"] | splits["val"])
     assert not splits["val"] & splits["train"]
     # And nothing from the official Testing folder was trained on.
-    trained = set(manifest["splits"]["train"]) | set(manifest["splits"]["val"])
-    assert not any(path.startswith("Testing/") for path in trained)
+    trained = set(manifest["train"]) | set(manifest["val"])
+    assert not any(path.startswith("sartaj/Testing/") for path in trained)
+
+
+def test_no_lgg_patient_is_on_both_sides(shipped):
+    _, data = shipped
+    index = {path: i for i, path in enumerate(data.paths)}
+    patients = {name: {data.patients[index[p]] for p in paths if p.startswith("lgg/")}
+                for name, paths in _manifest().items()}
+    assert patients["test"] and patients["train"]
+    assert not patients["test"] & (patients["train"] | patients["val"])
+    assert not patients["val"] & patients["train"]
 
 
 def test_shipped_model_serves_a_real_jpeg_through_the_api(shipped):
