@@ -32,8 +32,9 @@ __all__ = ["OODImage", "RealNegative", "mri_variants", "photo_images", "ct_image
            "default_ood_root", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
-# Test categories whose transform family the exposure head saw (on training-split images).
-EXPOSED_CATEGORIES = ("mri_inverted", "mri_patch")
+# Test categories whose family the exposure head saw: transforms of training-split images, and
+# synthetic images drawn from other seeds (`trust._synthetic_negatives`).
+EXPOSED_CATEGORIES = ("mri_inverted", "mri_patch", *SYNTHETIC_CATEGORIES)
 
 
 @dataclass(frozen=True)

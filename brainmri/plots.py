@@ -53,7 +53,8 @@ def _roc(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.set_title(f"One-vs-rest ROC: {name}")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a set with one class only has no curve to name
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
