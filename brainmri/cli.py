@@ -113,7 +113,9 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
 @click.option("--epochs", default=60, show_default=True, help="Upper bound; early stopping ends sooner.")
 @click.option("--epoch-images", default=3072, show_default=True,
               help="Images drawn per epoch (balanced, see --balance).")
-@click.option("--balance", type=click.Choice(["collection", "cell"]), default="collection",
+@click.option("--min-resolution", default=0.4, show_default=True,
+              help="Lost-resolution augmentation goes down to this fraction of the side.")
+@click.option("--balance", type=click.Choice(["collection", "cell"]), default="cell",
               show_default=True,
               help="collection: each collection draws alike, its classes evenly; cell: each "
                    "(collection, class) draws alike.")
@@ -131,7 +133,8 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Preprocessed-image cache [default: $BRAINMRI_CACHE or ./.cache/brainmri].")
 def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, name: str | None,
-                  epochs: int, epoch_images: int, balance: str, max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
+                  epochs: int, epoch_images: int, min_resolution: float, balance: str,
+                  max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
                   cache_dir: Path | None) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
@@ -149,6 +152,7 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
         name=name or f"brainmri_{arch}",
         size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
         max_minutes=max_minutes, epoch_images=epoch_images, balance=balance,
+        min_resolution=min_resolution,
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )

@@ -59,6 +59,9 @@ FEATURES: dict[str, tuple[str, float, str]] = {
     "texture": ("both", 0.0, "its texture is unlike an MRI slice (noise, text, patterns or blank)"),
     "feature_distance": ("high", 0.0,
                          "the network's features are far from every brain MRI it was trained on"),
+    "appearance_distance": ("high", 0.0,
+                            "its intensities, layout and shape are unlike every brain MRI slice "
+                            "it was fitted on"),
     "mri_likeness": ("low", 0.0,
                      "it looks like a fragment or an altered copy of a scan rather than a whole "
                      "MRI slice"),
@@ -273,6 +276,15 @@ class OODGuard:
     whitening: np.ndarray  # (dims, dims): W @ W.T is the inverse of the shared covariance
     info: dict[str, Any] = field(default_factory=dict)
     exposure: Exposure | None = None
+    # One-class check on the appearance `descriptor`: (mean, whitening) of the training slices.
+    # It needs no negatives, so it holds for kinds of image no exposure negative showed.
+    appearance: tuple[np.ndarray, np.ndarray] | None = None
+
+    def appearance_distance(self, descriptors: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each descriptor row to the training slices, per dim."""
+        mean, whitening = self.appearance
+        diff = (np.atleast_2d(np.asarray(descriptors, np.float64)) - mean) @ whitening
+        return (diff**2).mean(axis=1)
 
     def distance(self, embedding: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class centroid, per dimension, per row."""
@@ -286,6 +298,8 @@ class OODGuard:
         scores = {"feature_distance": self.distance(embeddings)}
         if self.exposure is not None:
             scores["mri_likeness"] = self.exposure.score(embeddings, features, descriptors)
+        if self.appearance is not None and descriptors is not None:
+            scores["appearance_distance"] = self.appearance_distance(descriptors)
         return scores
 
     def check(self, features: Mapping[str, float]) -> Verdict:
@@ -304,7 +318,8 @@ class OODGuard:
         """Measure one input (with the network's pooled features, when known) and check it."""
         features = image_features(model_input, data)
         if embedding is not None and len(self.centroids):
-            uses = self.exposure is not None and self.exposure.uses_descriptor
+            uses = (self.exposure is not None and self.exposure.uses_descriptor
+                    or self.appearance is not None)
             scores = self.model_scores(embedding, features,
                                        descriptor(model_input)[None, :] if uses else None)
             features.update({name: float(values[0]) for name, values in scores.items()})
@@ -320,6 +335,10 @@ class OODGuard:
             "whitening_float32_base64": base64.b64encode(
                 self.whitening.astype("<f4").tobytes()).decode("ascii"),
             **({"exposure": self.exposure.to_metadata()} if self.exposure is not None else {}),
+            **({"appearance": {"mean": np.round(self.appearance[0], 6).tolist(),
+                               "whitening_float32_base64": base64.b64encode(
+                                   self.appearance[1].astype("<f4").tobytes()).decode("ascii")}}
+               if self.appearance is not None else {}),
             **self.info,
         }
 
@@ -331,10 +350,17 @@ class OODGuard:
         dims = centroids.shape[1]
         whitening = np.frombuffer(base64.b64decode(meta["whitening_float32_base64"]), "<f4")
         info = {k: v for k, v in meta.items()
-                if k not in ("bounds", "centroids", "whitening_float32_base64", "exposure")}
+                if k not in ("bounds", "centroids", "whitening_float32_base64", "exposure",
+                             "appearance")}
         exposure = Exposure.from_metadata(meta["exposure"]) if "exposure" in meta else None
+        appearance = None
+        if "appearance" in meta:
+            mean = np.asarray(meta["appearance"]["mean"], np.float64)
+            white = np.frombuffer(base64.b64decode(meta["appearance"]["whitening_float32_base64"]),
+                                  "<f4").reshape(len(mean), len(mean)).astype(np.float64)
+            appearance = (mean, white)
         return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info,
-                   exposure)
+                   exposure, appearance)
 
 
 def _bound(values: np.ndarray, side: str, tail: float, margin: float,
@@ -384,7 +410,8 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
               margin: float = 0.5, distance_tail: float = 0.005,
               distance_margin: float | None = None, shrinkage: float = 0.01,
               max_distance_refusal: float = 0.005, exposure: Exposure | None = None,
-              val_descriptors: np.ndarray | None = None) -> OODGuard:
+              val_descriptors: np.ndarray | None = None,
+              train_descriptors: np.ndarray | None = None) -> OODGuard:
     """Fit the guard: centroids on the training split, every bound on the validation split.
 
     Args:
@@ -402,7 +429,11 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
             is invertible when some channels never fire.
         exposure: the outlier-exposure head (`fit_exposure`, fitted on the training split); its
             low bound is set on the validation split with `distance_tail` and `margin`.
-        val_descriptors: `descriptor` rows of the validation split, for a head that uses them.
+        val_descriptors: `descriptor` rows of the validation split, for a head that uses them
+            and for the appearance distance's bound.
+        train_descriptors: `descriptor` rows of the training split; given, the one-class
+            appearance distance is fitted (shared `shrinkage`) and bounded like the feature
+            distance.
     """
     classes = np.unique(train_labels)
     train_embeddings = np.asarray(train_embeddings, np.float64)
@@ -425,7 +456,19 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
     if exposure is not None:
         likeness = exposure.score(val_embeddings, val_features, val_descriptors)
         bounds["mri_likeness"] = _bound(likeness, "low", distance_tail, margin)
-    return OODGuard(bounds, centroids, whitening,
-                    {"tail": tail, "margin": margin, "distance_tail": distance_tail,
-                     "distance_margin": distance_margin, "shrinkage": shrinkage,
-                     "max_distance_refusal": max_distance_refusal}, exposure)
+    appearance = None
+    info = {"tail": tail, "margin": margin, "distance_tail": distance_tail,
+            "distance_margin": distance_margin, "shrinkage": shrinkage,
+            "max_distance_refusal": max_distance_refusal}
+    if train_descriptors is not None and val_descriptors is not None:
+        rows = np.asarray(train_descriptors, np.float64)
+        cov = np.atleast_2d(np.cov(rows, rowvar=False))
+        average = np.trace(cov) / len(cov) or 1.0
+        cov = (1 - shrinkage) * cov + shrinkage * average * np.eye(len(cov))
+        appearance = (rows.mean(axis=0), np.linalg.cholesky(np.linalg.inv(cov)))
+        probe = OODGuard(bounds, centroids, whitening, appearance=appearance)
+        far = probe.appearance_distance(val_descriptors)
+        info["appearance_margin"] = choose_margin(far, distance_tail, max_distance_refusal)
+        bounds["appearance_distance"] = _bound(far, "high", distance_tail,
+                                               info["appearance_margin"])
+    return OODGuard(bounds, centroids, whitening, info, exposure, appearance)

@@ -150,7 +150,7 @@ def _with_head(base: ood.OODGuard, head: ood.Exposure, val: dict[str, Any]) -> o
     bounds = dict(base.bounds)
     bounds["mri_likeness"] = ood._bound(likeness, "low", base.info.get("distance_tail", 0.005),
                                         base.info.get("margin", 0.5))
-    return ood.OODGuard(bounds, base.centroids, base.whitening, base.info, head)
+    return ood.OODGuard(bounds, base.centroids, base.whitening, base.info, head, base.appearance)
 
 
 def _verdicts(guard: ood.OODGuard, measured: dict[str, Any]) -> list[ood.Verdict]:
@@ -255,7 +255,8 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         "ece_after": round(expected_calibration_error(correct, calibrated.max(1)), 4),
         **uncertain,
     }
-    base = ood.fit_guard(val_features, train_emb, y[train], val_emb)
+    base = ood.fit_guard(val_features, train_emb, y[train], val_emb, val_descriptors=val_desc,
+                         train_descriptors=train_desc)
     pick = np.linspace(0, len(train) - 1, min(HEAD_POSITIVES, len(train))).astype(int)
     positives = ood.Exposure.inputs(train_emb[pick], {k: v[pick] for k, v in train_features.items()},
                                     train_desc[pick])

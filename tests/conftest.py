@@ -34,14 +34,18 @@ from brainmri.predictor import Prediction
 REAL_DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
 
 
+def _missing_data(reason: str) -> None:
+    """Skip with the reason, except under CI=true, where missing data fails the test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_real_data() -> Path:
     """The real data set's folder; skip with the reason when it is missing, fail under CI=true."""
     if (REAL_DATA / "Testing").is_dir() and (REAL_DATA / "Training").is_dir():
         return REAL_DATA
-    reason = f"real MRI data set not found at {REAL_DATA} (set BRAINMRI_DATA to the sartaj folder)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    _missing_data(f"real MRI data set not found at {REAL_DATA} (set BRAINMRI_DATA to the sartaj folder)")
 
 
 # The second collection: $BRAINMRI_LGG_DATA, else ../shared/data/lgg beside the checkout.
@@ -52,10 +56,7 @@ def require_lgg_data() -> Path:
     """The LGG collection's folder; skip with the reason when it is missing, fail under CI=true."""
     if (LGG_DATA / "slices.csv").is_file() and (LGG_DATA / "glioma").is_dir():
         return LGG_DATA
-    reason = f"LGG collection not found at {LGG_DATA} (set BRAINMRI_LGG_DATA to the lgg folder)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    _missing_data(f"LGG collection not found at {LGG_DATA} (set BRAINMRI_LGG_DATA to the lgg folder)")
 
 
 FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}

@@ -208,3 +208,23 @@ def test_fitted_uncertain_threshold_from_metadata_wins_over_config(app, pages, c
     assert body["uncertain"] is True
     html = pages.upload(png_bytes).get_data(as_text=True)
     assert 'data-uncertain="true"' in html and "No class reached 70%" in html
+
+
+def test_appearance_distance_is_one_class_and_survives_the_metadata():
+    """Fitted on brain-like descriptors only, it flags a far descriptor and round-trips."""
+    rng = np.random.default_rng(0)
+    dims = 12
+    train = rng.normal(0, 1, (400, dims))
+    val = rng.normal(0, 1, (200, dims))
+    features = {name: rng.normal(0.5, 0.01, 200) for name in ood.FEATURES
+                if name not in ("feature_distance", "mri_likeness", "appearance_distance")}
+    emb = rng.normal(0, 1, (400, 4))
+    guard = ood.fit_guard(features, emb, np.zeros(400, int), rng.normal(0, 1, (200, 4)),
+                          val_descriptors=val, train_descriptors=train)
+    low, high = guard.bounds["appearance_distance"]
+    assert low is None and high is not None
+    near, far = rng.normal(0, 1, (1, dims)), np.full((1, dims), 6.0)
+    assert guard.appearance_distance(near)[0] <= high < guard.appearance_distance(far)[0]
+    restored = ood.OODGuard.from_metadata(guard.to_metadata())
+    np.testing.assert_allclose(restored.appearance_distance(far), guard.appearance_distance(far),
+                               rtol=1e-4)
