@@ -465,7 +465,11 @@ def init_app(app: Flask) -> None:
         ),
         # Fail open to per-worker buckets while the shared store is down (module docstring).
         in_memory_fallback=[limit] if shared else None,
-        swallow_errors=False,
+        # Flask-Limiter switches to the fallback on the first store error in a worker; a second
+        # thread whose call failed at the same moment would otherwise answer 500 (seen with
+        # 2 gthread threads when Redis stopped). Swallowed, that one request passes unlimited
+        # and the error is logged: the same fail-open choice.
+        swallow_errors=shared,
         headers_enabled=False,  # Retry-After on 429 is the one header clients are promised
     )
     limiter.request_filter(_not_a_prediction)
