@@ -299,9 +299,13 @@ def compare_command(data: tuple[Path, ...], model_paths: tuple[Path, ...], out: 
 @click.option("--ood-data", type=_DIR, default=None,
               help="Real images that are not brain MRI, by category, with SOURCES.tsv "
                    "[default: $BRAINMRI_OOD_DATA or ../shared/data/ood_train].")
+@click.option("--guard-network", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Guard network from `brainmri train-guard` [default: "
+                                 "guard/brainmri_guard.h5 beside the model, when it exists].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_accuracy: float,
-                      ood_data: Path | None, cache_dir: Path | None) -> None:
+                      ood_data: Path | None, guard_network: Path | None,
+                      cache_dir: Path | None) -> None:
     """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
     from . import trust
 
@@ -310,7 +314,7 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
     with bar:
         result = trust.calibrate(model_path, list(data), cache_dir=cache_dir,
                                  target_accuracy=target_accuracy, progress=update,
-                                 ood_root=ood_data)
+                                 ood_root=ood_data, guard_network=guard_network)
     c, o = result["calibration"], result["ood"]
     click.echo(f"Temperature {c['temperature']:.4f} (val NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
                f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, n={c['images']})")
@@ -321,6 +325,62 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
         click.echo(f"  OOD bound {name:>18}: [{low}, {high}]")
     click.echo(f"Val refusal rate {o['val_refusal_rate']:.4f}; updated {result['metadata']}")
     _echo_held_out(o["held_out"])
+
+
+@cli.command("train-guard", with_appcontext=False)
+@click.option("--data", type=_DIR, required=True, multiple=True,
+              help="Brain MRI data set folder(s) whose training split are the positives (repeat).")
+@click.option("--ood-data", type=_DIR, default=None,
+              help="Real images that are not brain MRI, by category, with SOURCES.tsv "
+                   "[default: $BRAINMRI_OOD_DATA or ../shared/data/ood_train].")
+@click.option("--splits", "splits_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Split manifest whose train/val the guard uses [default: the "
+                                 "default model's, so no model's val or test slice is trained on].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the guard network [default: <model dir>/guard/brainmri_guard.h5].")
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--held-out/--no-held-out", default=False, show_default=True,
+              help="Also retrain once per real category and per brain collection left out and "
+                   "record what a guard that never saw them refuses (one training each).")
+@click.option("--held-out-category", "held_out_categories", multiple=True,
+              help="With --held-out: only these categories (repeat) [default: every one].")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Path | None,
+                        splits_path: Path | None, out: Path | None, epochs: int, held_out: bool,
+                        held_out_categories: tuple[str, ...], cache_dir: Path | None) -> None:
+    """Train the guard network that refuses images that are not brain MRI slices."""
+    import json
+
+    from . import guard_training
+    from . import ood_sets
+    from .evaluation import splits_path_for
+    from .trust import GUARD_FILE
+
+    manifest_path = splits_path or splits_path_for(_model_or_default(None))
+    config = guard_training.GuardConfig(epochs=epochs)
+    bar, update = _with_cache_progress(data, "Loading images")
+    with bar:
+        prepared = guard_training.assemble(list(data), json.loads(manifest_path.read_text()),
+                                           ood_data or ood_sets.default_ood_root(),
+                                           config=config, cache_dir=cache_dir, progress=update)
+    click.echo(f"{len(prepared.positives)} brain slices, {int(prepared.real.sum())} real and "
+               f"{int((~prepared.real).sum())} synthetic negatives")
+    report = (guard_training.held_out(prepared, config, list(held_out_categories) or None,
+                                      progress=click.echo) if held_out else None)
+    import hashlib
+
+    block = guard_training.fit(prepared, out or MODEL_DIR / GUARD_FILE, config, report,
+                               command=_reproducible_command(ctx), progress=click.echo,
+                               splits_sha256=hashlib.sha256(manifest_path.read_bytes()).hexdigest())
+    click.echo(f"Bound {block['bound']:.4f}; validation refused {block['val_refusal_rate']}")
+    if report:
+        for category, tally in report["categories"].items():
+            click.echo(f"  held out {category:>38}: refused {tally['refused']}/{tally['images']}"
+                       f" = {tally['rate']:.3f}")
+        click.echo(f"  overall {report['overall']:.4f}; brain collections left out: "
+                   f"{report['collections']}")
+    click.echo("Now run `brainmri calibrate` for each model so that its guard uses this network.")
 
 
 def _echo_held_out(held: dict) -> None:
@@ -334,6 +394,10 @@ def _echo_held_out(held: dict) -> None:
                    f"= {tally['rate']:.3f}{extra}")
     click.echo(f"  overall {held['overall']:.4f} of {held['images']} images; worst category "
                f"{held['worst_category'][1]} {held['worst_category'][0]:.3f}")
+    network = held.get("network")
+    if network and network.get("in_sample_categories"):
+        click.echo("  (the guard network was not retrained without "
+                   f"{', '.join(network['in_sample_categories'])}: those figures are optimistic)")
 
 
 def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:

@@ -65,6 +65,10 @@ FEATURES: dict[str, tuple[str, float, str]] = {
     "mri_likeness": ("low", 0.0,
                      "it looks like a fragment or an altered copy of a scan rather than a whole "
                      "MRI slice"),
+    "brain_likeness": ("low", 0.0,
+                       "a network trained to tell brain MRI slices from CT, X-ray, MRI of other "
+                       "body parts, ultrasound and photographs does not recognise it as a brain "
+                       "MRI slice"),
 }
 
 # Cheap measurements the exposure head sees beside the pooled features (colour is left out:
@@ -279,6 +283,9 @@ class OODGuard:
     # One-class check on the appearance `descriptor`: (mean, whitening) of the training slices.
     # It needs no negatives, so it holds for kinds of image no exposure negative showed.
     appearance: tuple[np.ndarray, np.ndarray] | None = None
+    # The guard network (`guardnet.GuardNet`, loaded by the predictor from the file that
+    # metadata "network" names); its bound is bounds["brain_likeness"].
+    network: Any = None
 
     def appearance_distance(self, descriptors: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each descriptor row to the training slices, per dim."""
@@ -316,14 +323,31 @@ class OODGuard:
     def assess(self, model_input: np.ndarray, data: bytes | None,
                embedding: np.ndarray | None) -> Verdict:
         """Measure one input (with the network's pooled features, when known) and check it."""
-        features = image_features(model_input, data)
-        if embedding is not None and len(self.centroids):
+        return self.assess_many([model_input], [data], embedding)[0]
+
+    def assess_many(self, model_inputs, data, embeddings: np.ndarray | None) -> list[Verdict]:
+        """Measure and check several inputs; the guard network runs once for all of them.
+
+        Args:
+            model_inputs: preprocessed inputs, each (size, size, 1) in [0, 1].
+            data: each input's file bytes (None entries skip the colour check).
+            embeddings: the classifier's pooled features, (N, C), or None when unknown.
+        """
+        rows = [image_features(x, raw) for x, raw in zip(model_inputs, data)]
+        if not rows:
+            return []
+        if embeddings is not None and len(self.centroids):
             uses = (self.exposure is not None and self.exposure.uses_descriptor
                     or self.appearance is not None)
-            scores = self.model_scores(embedding, features,
-                                       descriptor(model_input)[None, :] if uses else None)
-            features.update({name: float(values[0]) for name, values in scores.items()})
-        return self.check(features)
+            descriptors = np.stack([descriptor(x) for x in model_inputs]) if uses else None
+            features = {name: np.array([row[name] for row in rows]) for name in rows[0]}
+            scores = self.model_scores(embeddings, features, descriptors)
+            for i, row in enumerate(rows):
+                row.update({name: float(values[i]) for name, values in scores.items()})
+        if self.network is not None:
+            for row, value in zip(rows, self.network.logits(np.stack(model_inputs))):
+                row["brain_likeness"] = float(value)
+        return [self.check(row) for row in rows]
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON form stored under "ood" in the model metadata."""
@@ -343,8 +367,8 @@ class OODGuard:
         }
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> OODGuard:
-        """Rebuild the guard from the model metadata's "ood" block."""
+    def from_metadata(cls, meta: Mapping[str, Any], network: Any = None) -> OODGuard:
+        """Rebuild the guard from the model metadata's "ood" block (and its loaded network)."""
         bounds = {name: (pair[0], pair[1]) for name, pair in meta["bounds"].items()}
         centroids = np.asarray(meta["centroids"], np.float64)
         dims = centroids.shape[1]
@@ -360,7 +384,7 @@ class OODGuard:
                                   "<f4").reshape(len(mean), len(mean)).astype(np.float64)
             appearance = (mean, white)
         return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info,
-                   exposure, appearance)
+                   exposure, appearance, network)
 
 
 def _bound(values: np.ndarray, side: str, tail: float, margin: float,

@@ -266,3 +266,41 @@ def exposure_negatives(grey_images: list[np.ndarray], seed: int = 20261122) -> I
         yield _png(np.ascontiguousarray(image[top : top + ph, left : left + pw]))
         yield _png(255 - image)
 
+
+
+def ct_like(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A head-CT look-alike built from a grey MRI slice (uint8 in, uint8 out).
+
+    The non-brain image most like a brain MRI is a head CT: the same round head on black, but
+    the skull is the brightest thing in it (a thick white ring) and the brain is a flat mid-grey
+    with little grey/white contrast. Keeping the slice's own outline and inner structure and
+    changing only that physics teaches the guard "bone bright, tissue flat" rather than one
+    outline, so it needs no real head CT to learn it.
+    """
+    image = grey.astype(np.float32) / 255.0
+    blurred = cv2.GaussianBlur((image * 255).astype(np.uint8), (5, 5), 0)
+    otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (blurred > max(otsu / 2, 8)).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return grey
+    head = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    contours, _ = cv2.findContours(head, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(head)
+    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, -1)
+    side = max(grey.shape)
+    skin = max(1, int(side * rng.uniform(0.0, 0.015)))
+    bone = max(2, int(side * rng.uniform(0.02, 0.06)))
+    outer = cv2.erode(filled, np.ones((2 * skin + 1, 2 * skin + 1), np.uint8))
+    inner = cv2.erode(outer, np.ones((2 * bone + 1, 2 * bone + 1), np.uint8))
+    sigma = rng.uniform(0.7, 2.0)
+    soft = cv2.GaussianBlur(image, (0, 0), sigma)
+    # Brain window: tissue at 30-55 % grey with 15-45 % of the MRI's contrast.
+    level, spread = rng.uniform(0.3, 0.55), rng.uniform(0.15, 0.45)
+    tissue = level + spread * (soft - soft[inner > 0].mean() if inner.any() else 0.0)
+    out = np.zeros_like(image)
+    out[filled > 0] = rng.uniform(0.25, 0.45)  # skin and scalp: soft tissue
+    out[outer > 0] = rng.uniform(0.85, 1.0)  # bone
+    out[inner > 0] = tissue[inner > 0]
+    out += rng.normal(0, rng.uniform(0.0, 0.03), out.shape).astype(np.float32) * (filled > 0)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)

@@ -197,7 +197,25 @@ class Predictor:
     def guard(self) -> OODGuard | None:
         """The out-of-distribution guard fitted by `brainmri calibrate`, None before that."""
         meta = self.card.raw.get("ood")
-        return OODGuard.from_metadata(meta) if meta else None
+        if not meta:
+            return None
+        link = meta.get("network")
+        return OODGuard.from_metadata(meta, self._guard_network(link) if link else None)
+
+    def _guard_network(self, link: dict):
+        """The guard network that the metadata names, checked against its recorded sha256."""
+        import hashlib
+
+        from .guardnet import GuardNet
+
+        path = self.card.model_path.parent / link["file"]
+        if not path.is_file():
+            raise ModelError(f"{self.card.model_path.name}'s guard needs {path.name}, which is "
+                             f"missing; run `brainmri train-guard` and `brainmri calibrate`.")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != link["sha256"]:
+            raise ModelError(f"{path.name} is not the guard network {self.card.model_path.name} "
+                             f"was calibrated with (sha256 differs); run `brainmri calibrate`.")
+        return GuardNet.load(path, link.get("onnx_sha256"))
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Uncalibrated softmax outputs (N, classes) in the model's output order."""
@@ -266,14 +284,12 @@ class Predictor:
         raw = list(data) if data is not None else [None] * len(images)
         probs, features = self.forward(np.stack(images))
         screen = self.guard if guard else None
+        verdicts = screen.assess_many(images, raw, features) if screen is not None else None
         results: list[Prediction | NotBrainMRI] = []
-        for i, image in enumerate(images):
-            if screen is not None:
-                embedding = None if features is None else features[i : i + 1]
-                verdict = screen.assess(image, raw[i], embedding)
-                if verdict.refused:
-                    results.append(NotBrainMRI(verdict))
-                    continue
+        for i in range(len(images)):
+            if verdicts is not None and verdicts[i].refused:
+                results.append(NotBrainMRI(verdicts[i]))
+                continue
             results.append(self._to_prediction(probs[i]))
         return results
 

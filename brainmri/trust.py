@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import cv2
@@ -36,14 +37,25 @@ __all__ = ["calibrate", "evaluate_trust", "measure_images", "ood_test_images"]
 HEAD_POSITIVES = 4000
 # Training slices whose patch and inversion become synthetic negatives.
 EXPOSURE_SLICES = 1500
+# The guard network, in its own folder beside the models so that model discovery never
+# mistakes it for a classifier (`brainmri train-guard`).
+GUARD_FILE = "guard/brainmri_guard.h5"
+# Checks the guard network makes redundant when it is there (see REPLACED_BY_NETWORK's note in
+# the calibrate report): they refused more real brain slices than the network and added
+# little on held-out categories.
+REPLACED_BY_NETWORK: tuple[str, ...] = ()
 
 
 def _canonical(predictor, probs: np.ndarray) -> np.ndarray:
     return probs[:, [predictor.labels.index(name) for name in CLASSES]]
 
 
-def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch: int = 128):
-    """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors."""
+def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch: int = 128,
+                   network=None):
+    """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors.
+
+    With a guard `network`, its "brain_likeness" logit joins the cheap features.
+    """
     probs, embeddings = [], []
     for start in range(0, len(images), batch):
         p, e = predictor.forward(images[start : start + batch])
@@ -53,6 +65,8 @@ def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch
     emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
     cheap = [ood.image_features(image, data) for image, data in zip(images, raw)]
     features = {name: np.array([row[name] for row in cheap]) for name in (cheap[0] if cheap else {})}
+    if network is not None and len(images):
+        features["brain_likeness"] = network.logits(images).astype(np.float64)
     descriptors = np.array([ood.descriptor(image) for image in images])
     return probs_all, emb_all, features, descriptors
 
@@ -84,6 +98,7 @@ class _Measured:
     categories: np.ndarray
     sources: np.ndarray
     unreadable: dict[str, int]  # category -> files the decoder refused before any guard
+    names: np.ndarray | None = None  # "<category>/<file>" of each measured item, when known
 
     def rows(self, keep: np.ndarray | None = None) -> np.ndarray:
         """Exposure-head input rows (all, or the `keep` mask)."""
@@ -97,11 +112,12 @@ class _Measured:
                 "descriptors": self.descriptors[keep]}
 
 
-def _measure_files(predictor, items: list[tuple[str, str, bytes]]) -> _Measured:
+def _measure_files(predictor, items: list[tuple[str, str, bytes]], network=None,
+                   names: list[str] | None = None) -> _Measured:
     """Prepare (the upload path) and measure (category, source, bytes) items."""
-    inputs, raw, categories, sources = [], [], [], []
+    inputs, raw, categories, sources, kept = [], [], [], [], []
     unreadable: Counter = Counter()
-    for category, source, data in items:
+    for k, (category, source, data) in enumerate(items):
         try:
             inputs.append(predictor.prepare(data))
         except ImageError:
@@ -110,14 +126,16 @@ def _measure_files(predictor, items: list[tuple[str, str, bytes]]) -> _Measured:
         raw.append(data)
         categories.append(category)
         sources.append(source)
+        kept.append(names[k] if names else "")
     size = predictor.input_size
     images = np.stack(inputs) if inputs else np.zeros((0, size, size, 1), np.float32)
-    _, emb, features, descriptors = measure_images(predictor, images, raw)
+    _, emb, features, descriptors = measure_images(predictor, images, raw, network=network)
     return _Measured(emb, features, descriptors, np.array(categories), np.array(sources),
-                     dict(unreadable))
+                     dict(unreadable), np.array(kept) if names else None)
 
 
-def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray) -> _Measured:
+def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray,
+                         network=None) -> _Measured:
     """A patch and an inversion of `EXPOSURE_SLICES` training slices, through the upload path."""
     chosen = train[np.linspace(0, len(train) - 1, min(EXPOSURE_SLICES, len(train))).astype(int)]
     greys = []
@@ -132,7 +150,7 @@ def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray) -> _
     # smooth noise on their own. Those test categories are then reported as exposed.
     items += [(f"exposure_{image.category}", "synthetic", image.data)
               for image in ood_sets.synthetic_images(per_category=24, seed=20261201)]
-    return _measure_files(predictor, items)
+    return _measure_files(predictor, items, network)
 
 
 def _fit_head(positives: np.ndarray, negatives: list[tuple[np.ndarray, np.ndarray]]) -> ood.Exposure:
@@ -209,9 +227,49 @@ def held_out_refusals(base: ood.OODGuard, positives: np.ndarray, real: _Measured
     return report
 
 
+def _load_network(path: Path):
+    """The guard network at `path` and its metadata, refusing another preprocessing version."""
+    from .guardnet import GuardNet
+    from .imaging import PREPROCESSING_VERSION
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if meta.get("preprocessing_version") != PREPROCESSING_VERSION:
+        raise ValueError(f"{path.name} was trained on preprocessing version "
+                         f"{meta.get('preprocessing_version')}, this code runs "
+                         f"{PREPROCESSING_VERSION}; retrain it with `brainmri train-guard`.")
+    return GuardNet.load(path), meta
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """`path` relative to `folder` (the model's), as the metadata names it."""
+    try:
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _held_out_network(real: _Measured, meta: dict[str, Any]) -> tuple[_Measured, int]:
+    """`real` with each image's "brain_likeness" from the network that never saw its category.
+
+    `brainmri train-guard --held-out` stored, per real image, its logit minus the bound of the
+    fold that left its category out; bound + margin against the shipped bound gives that
+    fold's decision. Images without a stored margin keep the shipped network's (optimistic)
+    value; their count is returned.
+    """
+    margins = (meta.get("held_out") or {}).get("margins") or {}
+    values = np.array(real.features["brain_likeness"], np.float64)
+    missing = 0
+    for i, name in enumerate(real.names if real.names is not None else []):
+        if name in margins:
+            values[i] = meta["bound"] + margins[name]
+        else:
+            missing += 1
+    return replace(real, features={**real.features, "brain_likeness": values}), missing
+
+
 def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | None = None,
               target_accuracy: float = 0.98, progress=None,
-              ood_root: Path | None = None) -> dict[str, Any]:
+              ood_root: Path | None = None, guard_network: Path | None = None) -> dict[str, Any]:
     """Fit temperature, uncertain threshold and OOD guard; write them into the model metadata.
 
     Args:
@@ -220,6 +278,8 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         target_accuracy: accuracy that predictions not flagged "uncertain" must reach on val.
         ood_root: real images that are not brain MRI (`ood_sets.real_negatives` layout);
             default `ood_sets.default_ood_root()`.
+        guard_network: the guard network (`brainmri train-guard`); default `GUARD_FILE` beside
+            the model, used when it exists. Its bound joins the model's guard.
 
     Returns:
         The "calibration" and "ood" blocks written, plus figures measured on val.
@@ -236,8 +296,10 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     y = data.label_indices
     val, train = splits["val"], splits["train"]
 
+    guard_path = Path(guard_network) if guard_network else model_path.parent / GUARD_FILE
+    network, network_meta = _load_network(guard_path) if guard_path.is_file() else (None, None)
     val_probs, val_emb, val_features, val_desc = measure_images(
-        predictor, data.images[val], _read(data, val))
+        predictor, data.images[val], _read(data, val), network=network)
     # The centroids use every training slice; the head an even draw of them.
     _, train_emb, train_features, train_desc = measure_images(
         predictor, data.images[train], [None] * len(train))
@@ -255,22 +317,44 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         "ece_after": round(expected_calibration_error(correct, calibrated.max(1)), 4),
         **uncertain,
     }
-    base = ood.fit_guard(val_features, train_emb, y[train], val_emb, val_descriptors=val_desc,
+    # The network's bound is its own (set on validation by train-guard), not refitted here.
+    base = ood.fit_guard({k: v for k, v in val_features.items() if k != "brain_likeness"},
+                         train_emb, y[train], val_emb, val_descriptors=val_desc,
                          train_descriptors=train_desc)
+    for name in REPLACED_BY_NETWORK if network is not None else ():
+        base.bounds.pop(name, None)
+    if network is not None:
+        base.bounds["brain_likeness"] = (float(network_meta["bound"]), None)
+        base.info["network"] = {"file": _relative(guard_path, model_path.parent),
+                                "sha256": network_meta["sha256"],
+                                "onnx_sha256": network_meta.get("onnx_sha256"),
+                                "bound": network_meta["bound"]}
     pick = np.linspace(0, len(train) - 1, min(HEAD_POSITIVES, len(train))).astype(int)
     positives = ood.Exposure.inputs(train_emb[pick], {k: v[pick] for k, v in train_features.items()},
                                     train_desc[pick])
-    synthetic = _synthetic_negatives(predictor, data, train)
+    synthetic = _synthetic_negatives(predictor, data, train, network)
     real_root = Path(ood_root) if ood_root else ood_sets.default_ood_root()
-    real_items = [(n.category, n.source, n.path.read_bytes())
-                  for n in ood_sets.real_negatives(real_root)]
-    real = _measure_files(predictor, real_items)
+    found = ood_sets.real_negatives(real_root)
+    real_items = [(n.category, n.source, n.path.read_bytes()) for n in found]
+    real = _measure_files(predictor, real_items, network,
+                          names=[f"{n.category}/{n.path.name}" for n in found])
     head = _fit_head(positives, [(real.rows(), real.categories),
                                  (synthetic.rows(), synthetic.categories)])
     val_measured = {"emb": val_emb, "features": val_features, "descriptors": val_desc}
     guard = _with_head(base, head, val_measured)
     refused = np.array([v.refused for v in _verdicts(guard, val_measured)])
-    held_out = held_out_refusals(base, positives, real, synthetic, val_measured)
+    held_real, without_margin = (_held_out_network(real, network_meta) if network is not None
+                                 else (real, 0))
+    held_out = held_out_refusals(base, positives, held_real, synthetic, val_measured)
+    if network is not None:
+        margins = (network_meta.get("held_out") or {}).get("margins") or {}
+        in_sample = sorted({str(c) for c, name in zip(real.categories, real.names)
+                            if name not in margins})
+        held_out["network"] = {"file": _relative(guard_path, model_path.parent),
+                               "held_out_images": int(len(real.emb) - without_margin),
+                               "without_held_out_margin": int(without_margin),
+                               # The network saw these categories: their figures are optimistic.
+                               "in_sample_categories": in_sample}
     negatives = {
         "positives": f"{len(pick)} training-split slices, evenly drawn from every collection",
         "real": f"{len(real_items)} images of {len(set(real.categories.tolist()))} categories "
@@ -327,13 +411,14 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                               "uncertain_below": predictor.uncertain_below,
                               "calibration": {}, "false_refusal": {}, "ood": {}}
     guard = predictor.guard
+    network = guard.network if guard is not None else None
     # The first collection's held-out test split draws the reliability plots and the MRI variants.
     first_test = next((name for name in sets if name.endswith("/test")), None)
     for name, indices in sets.items():
         if not len(indices):
             continue
         probs, emb, features, descriptors = measure_images(predictor, data.images[indices],
-                                                           _read(data, indices))
+                                                           _read(data, indices), network=network)
         calibrated = calibration.apply_temperature(probs, predictor.temperature)
         correct = calibrated.argmax(1) == y[indices]
         entry = {
@@ -369,7 +454,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         if len(blank):
             # Should be refused: a blank frame has no head to classify.
             _, emb, features, descriptors = measure_images(predictor, data.images[blank],
-                                                           _read(data, blank))
+                                                           _read(data, blank), network=network)
             report["no_head_in_view"] = _tally(_verdicts(
                 guard, {"emb": emb, "features": features, "descriptors": descriptors}))
         # DICOM copies of every held-out test slice: the same pixels through the DICOM decoder.
@@ -380,7 +465,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                                     cv2.IMREAD_GRAYSCALE)
                 if grey is not None:
                     items.append((name, "dicom", ood_sets.as_mr_dicom(grey)))
-            measured = _measure_files(predictor, items)
+            measured = _measure_files(predictor, items, network)
             report["false_refusal"][f"{name} (DICOM)"] = _tally(
                 _verdicts(guard, measured.subset(np.ones(len(measured.emb), bool))),
                 sum(measured.unreadable.values()))
