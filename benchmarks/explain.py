@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import default_image  # noqa: E402
 from brainmri.config import DEFAULTS  # noqa: E402
-from brainmri.registry import default_model_path  # noqa: E402
+from brainmri.inference import default_model_path  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +25,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=default_model_path(Path(DEFAULTS["BRAINMRI_MODEL_DIR"])))
     parser.add_argument("-n", type=int, default=50)
     args = parser.parse_args()
-    from brainmri.explain import overlay_data_uri
-    from brainmri.predictor import Predictor
+    from brainmri.inference import overlay_data_uri
+    from brainmri.inference import Predictor
 
     predictor = Predictor.from_path(args.model)
     predictor.load()

@@ -25,10 +25,10 @@ from werkzeug.serving import make_server
 from brainmri import create_app
 from brainmri.config import PROJECT_ROOT
 from brainmri.imaging import load_scan
-from brainmri.modelcard import CLASSES
-from brainmri.predictor import EXTENSION_KEY
-from brainmri.predictor import Explanation
-from brainmri.predictor import Prediction
+from brainmri.inference import CLASSES
+from brainmri.inference import EXTENSION_KEY
+from brainmri.inference import Explanation
+from brainmri.inference import Prediction
 
 # The real data set: $BRAINMRI_DATA, else ../shared/data/sartaj beside the checkout.
 REAL_DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
@@ -149,8 +149,8 @@ class FakePredictor:
 
     def predict_checked_batch(self, images, data=None, guard: bool = True) -> list:
         """Per input a Prediction, or the NotBrainMRI refusal (returned) when the guard is on."""
-        from brainmri.ood import NotBrainMRI
-        from brainmri.ood import Verdict
+        from brainmri.inference import NotBrainMRI
+        from brainmri.inference import Verdict
 
         raw = list(data) if data is not None else [None] * len(images)
         results = []

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import ModelError
-from brainmri.predictor import DISCLAIMER
-from brainmri.predictor import EXTENSION_KEY
+from brainmri.inference import CLASSES
+from brainmri.inference import ModelError
+from brainmri.inference import DISCLAIMER
+from brainmri.inference import EXTENSION_KEY
 
 from conftest import FAKE_PROBABILITIES
 from conftest import bomb_png
@@ -161,7 +161,7 @@ def test_bomb_is_refused_before_decoding(client, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("decoder called")
 
-    monkeypatch.setattr("brainmri.imaging.cv2.imdecode", forbidden)
+    monkeypatch.setattr("brainmri.imaging.preprocessing.cv2.imdecode", forbidden)
     assert_error(post_file(client, bomb_png(), "b.png"), 413, "image_too_large")
 
 
@@ -279,7 +279,7 @@ def test_truncated_png_never_500(client, cut):
 def test_openapi_document_covers_api(app):
     """docs/openapi.yaml names every API route and every error code the API can send."""
     from brainmri.config import PROJECT_ROOT
-    from brainmri.errors import IMAGE_ERROR_STATUS
+    from brainmri.web.errors import IMAGE_ERROR_STATUS
 
     spec = (PROJECT_ROOT / "docs" / "openapi.yaml").read_text()
     for rule in app.url_map.iter_rules():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainmri.architectures import ARCHITECTURES
-from brainmri.architectures import build
-from brainmri.architectures import check_weights
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import write_model_card
-from brainmri.predictor import Predictor
+from brainmri.training.architectures import ARCHITECTURES
+from brainmri.training.architectures import build
+from brainmri.training.architectures import check_weights
+from brainmri.inference import CLASSES
+from brainmri.inference import write_model_card
+from brainmri.inference import Predictor
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from brainmri.modelcard import CLASSES
-from brainmri.predictor import DISCLAIMER
+from brainmri.inference import CLASSES
+from brainmri.inference import DISCLAIMER
 
 from conftest import FAKE_PROBABILITIES
 from conftest import PATIENT_STRINGS

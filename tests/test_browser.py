@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from brainmri import create_app
-from brainmri.predictor import DISCLAIMER
-from brainmri.predictor import EXTENSION_KEY
+from brainmri.inference import DISCLAIMER
+from brainmri.inference import EXTENSION_KEY
 
 from conftest import CHROMIUM
 from conftest import FakePredictor

@@ -9,17 +9,17 @@ import cv2
 import numpy as np
 import pytest
 
-from brainmri import registry
-from brainmri.dataset import load_datasets
-from brainmri.dataset import sequence_of
-from brainmri.evaluation import binary_metrics
-from brainmri.evaluation import by_sequence
-from brainmri.evaluation import eval_sets
-from brainmri.evaluation import manifest_splits
+from brainmri.inference import registry
+from brainmri.training.dataset import load_datasets
+from brainmri.training.dataset import sequence_of
+from brainmri.training.evaluation import binary_metrics
+from brainmri.training.evaluation import by_sequence
+from brainmri.training.evaluation import eval_sets
+from brainmri.training.evaluation import manifest_splits
 from brainmri.imaging import preprocess
 from brainmri.imaging import resize_mask
-from brainmri.modelcard import CLASSES
-from brainmri.splits import split_dataset
+from brainmri.inference import CLASSES
+from brainmri.training.splits import split_dataset
 
 from conftest import encode
 from conftest import synthetic_slice
@@ -116,10 +116,10 @@ def test_split_keeps_every_patient_on_one_side(two_collections, tmp_path):
 
 def test_balanced_stream_draws_every_cell_alike():
     pytest.importorskip("tensorflow")  # training imports it lazily; the helper is NumPy only
-    from brainmri.training import balanced_cells
-    from brainmri.training import balanced_stream
-    from brainmri.training import balanced_weights
-    from brainmri.training import cell_shares
+    from brainmri.training.trainer import balanced_cells
+    from brainmri.training.trainer import balanced_stream
+    from brainmri.training.trainer import balanced_weights
+    from brainmri.training.trainer import cell_shares
 
     labels = np.array([0] * 90 + [2] * 10 + [0] * 5 + [1] * 45)
     collections = ["a"] * 100 + ["b"] * 50

@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from brainmri import dedup
-from brainmri.dataset import discover
-from brainmri.dataset import normalise_class_name
-from brainmri.splits import OFFICIAL_TEST
-from brainmri.splits import split_by_group
+from brainmri.training import dedup
+from brainmri.training.dataset import discover
+from brainmri.training.dataset import normalise_class_name
+from brainmri.training.splits import OFFICIAL_TEST
+from brainmri.training.splits import split_by_group
 
 
 def _scan(seed: int, size: int = 256) -> np.ndarray:

@@ -217,9 +217,9 @@ def test_cli_predict_folder_with_dicom(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from brainmri.cli import cli
-    from brainmri.modelcard import CLASSES
+    from brainmri.inference import CLASSES
 
-    monkeypatch.setattr("brainmri.predictor.Predictor.from_path", lambda *a, **k: FakePredictor())
+    monkeypatch.setattr("brainmri.inference.Predictor.from_path", lambda *a, **k: FakePredictor())
     folder = tmp_path / "series"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.dcm").write_bytes(dicom_bytes(synthetic_slice(seed=1)))

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from brainmri.cli import cli
 from brainmri.config import DEFAULTS
-from brainmri.export import TOLERANCE
-from brainmri.export import export_metadata_path
+from brainmri.inference.export import TOLERANCE
+from brainmri.inference.export import export_metadata_path
 from brainmri.imaging import PREPROCESSING_VERSION
 from brainmri.imaging import load_scan
 
@@ -50,8 +50,8 @@ def test_cli_wants_an_onnx_file_name(tmp_path):
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     """A consistent copy of model/brainmri_cnn.h5 (it may be retrained meanwhile), loaded."""
-    from brainmri.export import snapshot_model
-    from brainmri.predictor import Predictor
+    from brainmri.inference.export import snapshot_model
+    from brainmri.inference import Predictor
 
     if not CNN.is_file():
         pytest.skip(f"{CNN} is not there (train it first)")
@@ -76,8 +76,8 @@ def real_batch(cnn) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["savedmodel", "onnx"])
 def test_export_matches_keras_on_real_slices(fmt, cnn, real_batch, tmp_path):
     """The exported graph gives Keras's softmax within 1e-5 on real preprocessed slices."""
-    from brainmri.export import export_model
-    from brainmri.export import load_export
+    from brainmri.inference.export import export_model
+    from brainmri.inference.export import load_export
 
     out = tmp_path / ("brainmri_cnn.onnx" if fmt == "onnx" else "brainmri_cnn/1")
     result = export_model(cnn.card.model_path, fmt, out)

@@ -62,7 +62,7 @@ def _containers(jpeg: bytes) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped model, loaded once."""
-    from brainmri.predictor import Predictor
+    from brainmri.inference import Predictor
 
     paths = _one_jpeg_per_class()
     predictor = Predictor.from_path(MODEL)

@@ -32,8 +32,8 @@ TOLERANCE = 1e-3
 @pytest.fixture(scope="module")
 def converted():
     """The ImageNet Lite0 in Keras with the package's weights, and the state dict."""
-    from brainmri import lite0
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training import lite0
+    from brainmri.training.pth_reader import read_state_dict
 
     state = read_state_dict(lite0.imagenet_weights_path())
     model = lite0.build_imagenet(224)
@@ -56,7 +56,7 @@ def test_live_pytorch_agrees(converted):
     """With torch installed (not a project dependency), compare against PyTorch directly."""
     torch = pytest.importorskip("torch", reason="torch is optional: see benchmarks/verify_lite0_conversion.py")
     from benchmarks.verify_lite0_conversion import build_torch_lite0
-    from brainmri.lite0 import imagenet_weights_path
+    from brainmri.training.lite0 import imagenet_weights_path
 
     model, _ = converted
     reference = build_torch_lite0()
@@ -70,7 +70,7 @@ def test_live_pytorch_agrees(converted):
 
 def test_every_tensor_is_used_exactly_once(converted):
     """A missing or extra tensor is an error, never a silent partial load."""
-    from brainmri import lite0
+    from brainmri.training import lite0
 
     _, state = converted
     model = lite0.build_imagenet(224)
@@ -85,7 +85,7 @@ def test_every_tensor_is_used_exactly_once(converted):
 
 def test_classifier_starts_from_the_imagenet_backbone(converted):
     """`--weights imagenet-lite0` puts the same backbone weights under the 4-class head."""
-    from brainmri import lite0
+    from brainmri.training import lite0
 
     imagenet, _ = converted
     model = lite0.build_classifier(size=64, weights="imagenet-lite0")
@@ -96,8 +96,8 @@ def test_classifier_starts_from_the_imagenet_backbone(converted):
 
 def test_reader_refuses_code_in_a_pickle(tmp_path):
     """A .pth whose pickle names any other global (here os.system) is refused, not run."""
-    from brainmri.pth_reader import PthError
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training.pth_reader import PthError
+    from brainmri.training.pth_reader import read_state_dict
 
     class Evil:
         def __reduce__(self):
@@ -166,7 +166,7 @@ def _write_legacy_pth(path, tensors, storage=np.arange(6, dtype=np.float32), mon
 
 def test_reader_reads_a_handmade_legacy_file(tmp_path, monkeypatch):
     """The fake-torch writer is faithful: in-bounds views (incl. a transpose) read back exactly."""
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training.pth_reader import read_state_dict
 
     path = _write_legacy_pth(tmp_path / "ok.pth", {"w": (0, (2, 3), (3, 1)), "t": (0, (3, 2), (1, 3)),
                                                    "b": (4, (2,), (1,))}, monkeypatch=monkeypatch)
@@ -187,8 +187,8 @@ def test_reader_reads_a_handmade_legacy_file(tmp_path, monkeypatch):
 ])
 def test_reader_refuses_views_outside_their_storage(tmp_path, monkeypatch, offset, size, stride):
     """A crafted offset, size or stride is refused instead of reading memory outside the file."""
-    from brainmri.pth_reader import PthError
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training.pth_reader import PthError
+    from brainmri.training.pth_reader import read_state_dict
 
     path = _write_legacy_pth(tmp_path / "oob.pth", {"w": (offset, size, stride)}, monkeypatch=monkeypatch)
     with pytest.raises(PthError):
@@ -201,8 +201,8 @@ def test_reader_refuses_code_in_any_pickle_of_the_chain(tmp_path, position):
     import subprocess
     import sys
 
-    from brainmri.pth_reader import PthError
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training.pth_reader import PthError
+    from brainmri.training.pth_reader import read_state_dict
 
     marker = tmp_path / "owned"
 
@@ -226,8 +226,8 @@ def test_reader_refuses_a_missing_storage(tmp_path, monkeypatch):
     """A tensor naming a storage whose bytes are absent is a PthError, not a KeyError."""
     import struct
 
-    from brainmri.pth_reader import PthError
-    from brainmri.pth_reader import read_state_dict
+    from brainmri.training.pth_reader import PthError
+    from brainmri.training.pth_reader import read_state_dict
 
     path = _write_legacy_pth(tmp_path / "ok.pth", {"w": (0, (2,), (1,))}, monkeypatch=monkeypatch)
     data = path.read_bytes()

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from brainmri.descriptions import CLASS_DESCRIPTIONS
-from brainmri.modelcard import CLASSES
-from brainmri.predictor import DISCLAIMER
-from brainmri.views import rounded_percentages
+from brainmri.web.descriptions import CLASS_DESCRIPTIONS
+from brainmri.inference import CLASSES
+from brainmri.inference import DISCLAIMER
+from brainmri.web.views import rounded_percentages
 
 from conftest import PageActions
 from conftest import bomb_png

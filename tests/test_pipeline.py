@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from brainmri.cli import cli
-from brainmri.dataset import load_dataset
+from brainmri.training.dataset import load_dataset
 from brainmri.imaging import load_scan
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import read_model_card
+from brainmri.inference import CLASSES
+from brainmri.inference import read_model_card
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import pytest
 
 from brainmri import create_app
 from brainmri.config import PROJECT_ROOT
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import write_model_card
-from brainmri.predictor import EXTENSION_KEY
+from brainmri.inference import CLASSES
+from brainmri.inference import write_model_card
+from brainmri.inference import EXTENSION_KEY
 
 from conftest import encode
 from conftest import synthetic_slice

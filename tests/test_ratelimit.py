@@ -8,10 +8,10 @@ import threading
 import pytest
 
 from brainmri import create_app
-from brainmri.predictor import EXTENSION_KEY
-from brainmri.ratelimit import EXTENSION_KEY as LIMITER_KEY
-from brainmri.ratelimit import RateLimiter
-from brainmri.ratelimit import parse_rate
+from brainmri.inference import EXTENSION_KEY
+from brainmri.web.ratelimit import EXTENSION_KEY as LIMITER_KEY
+from brainmri.web.ratelimit import RateLimiter
+from brainmri.web.ratelimit import parse_rate
 from conftest import FakePredictor
 
 

@@ -17,11 +17,11 @@ from collections import Counter
 
 import pytest
 
-from brainmri.ratelimit import EXTENSION_KEY as BUCKETS_KEY
-from brainmri.ratelimit import RateLimiter
-from brainmri.ratelimit import RedisBuckets
-from brainmri.ratelimit import limit_string
-from brainmri.ratelimit import parse_rate
+from brainmri.web.ratelimit import EXTENSION_KEY as BUCKETS_KEY
+from brainmri.web.ratelimit import RateLimiter
+from brainmri.web.ratelimit import RedisBuckets
+from brainmri.web.ratelimit import limit_string
+from brainmri.web.ratelimit import parse_rate
 from conftest import encode
 from conftest import synthetic_slice
 from test_ratelimit import limited_app
@@ -188,8 +188,8 @@ def tiny_model(tmp_path_factory):
     keras = pytest.importorskip("keras")
     from keras import layers
 
-    from brainmri.modelcard import CLASSES
-    from brainmri.modelcard import write_model_card
+    from brainmri.inference import CLASSES
+    from brainmri.inference import write_model_card
 
     model = keras.Sequential([
         keras.Input(shape=(32, 32, 1)),

@@ -23,8 +23,8 @@ CNN = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"
 
 def test_errors_survive_the_trip_through_ray_columns():
     """What Outcome reads (ImageError code and message; other errors' type name) comes back."""
-    from brainmri.raybatch import _decode_error
-    from brainmri.raybatch import _encode_error
+    from brainmri.inference.raybatch import _decode_error
+    from brainmri.inference.raybatch import _encode_error
 
     stage, error = _decode_error(_encode_error("prepare", ImageError("corrupt_image", "Broken.")))
     assert stage == "prepare" and isinstance(error, ImageError)
@@ -65,7 +65,7 @@ def inbox(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for this module's runs (the engine reuses a running one)."""
-    import brainmri.raybatch  # noqa: F401  (sets Ray's environment before ray is imported)
+    import brainmri.inference.raybatch  # noqa: F401  (sets Ray's environment before ray is imported)
 
     ray = pytest.importorskip("ray")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -76,7 +76,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def model_copy(tmp_path_factory) -> Path:
     """One copy of the real CNN for every run: model/ may be retrained meanwhile."""
-    from brainmri.export import snapshot_model
+    from brainmri.inference.export import snapshot_model
 
     if not CNN.is_file():
         pytest.skip(f"{CNN} is not there (train it first)")

@@ -7,14 +7,14 @@ import io
 import pytest
 
 from brainmri import create_app
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import ModelError
-from brainmri.modelcard import write_model_card
-from brainmri.predictor import EXTENSION_KEY
-from brainmri.registry import REGISTRY_KEY
-from brainmri.registry import ModelRegistry
-from brainmri.registry import default_model_path
-from brainmri.registry import discover_models
+from brainmri.inference import CLASSES
+from brainmri.inference import ModelError
+from brainmri.inference import write_model_card
+from brainmri.inference import EXTENSION_KEY
+from brainmri.inference import REGISTRY_KEY
+from brainmri.inference import ModelRegistry
+from brainmri.inference import default_model_path
+from brainmri.inference import discover_models
 
 from conftest import FakePredictor
 from conftest import PageActions
@@ -213,7 +213,7 @@ def test_preflight_reports_what_a_worker_would(tmp_path, monkeypatch):
 def test_a_model_of_another_preprocessing_version_is_refused(tmp_path):
     """A network trained on version-1 inputs is not served version-2 inputs without a word."""
     from brainmri.imaging import PREPROCESSING_VERSION
-    from brainmri.modelcard import read_model_card
+    from brainmri.inference import read_model_card
 
     path = tmp_path / "old.h5"
     path.write_bytes(b"old" * 10)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flask import request
 
-from brainmri.security import CONTENT_SECURITY_POLICY
-from brainmri.security import InMemoryRequest
+from brainmri.web.security import CONTENT_SECURITY_POLICY
+from brainmri.web.security import InMemoryRequest
 
 from conftest import encode
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brainmri import dedup
+from brainmri.training import dedup
 from brainmri.config import DEFAULTS
-from brainmri.modelcard import CLASSES
+from brainmri.inference import CLASSES
 
 from conftest import REAL_DATA
 from conftest import require_lgg_data
@@ -28,8 +28,8 @@ MODEL = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"  # the custom C
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped predictor, loaded, and both cached real collections at its input size."""
-    from brainmri.dataset import load_datasets
-    from brainmri.predictor import Predictor
+    from brainmri.training.dataset import load_datasets
+    from brainmri.inference import Predictor
 
     roots = [require_real_data(), require_lgg_data()]
     predictor = Predictor.from_path(MODEL)  # verifies the sha256 in the metadata
@@ -45,7 +45,7 @@ def _accuracy(predictor, data, indices) -> float:
 
 
 def _manifest() -> dict:
-    from brainmri.evaluation import manifest_splits
+    from brainmri.training.evaluation import manifest_splits
 
     return manifest_splits(json.loads(MODEL.with_suffix(".splits.json").read_text()))
 
@@ -74,7 +74,7 @@ def test_leakage_free_test_split_accuracy_stays_above_target(shipped):
 def test_lgg_held_out_patients_reproduce_the_recorded_figures(shipped):
     """The any-tumour sensitivity and specificity in the metadata, per sequence, on LGG patients
     the model never trained on (blank slices excluded, as the evaluation does)."""
-    from brainmri.dataset import no_head_in_view
+    from brainmri.training.dataset import no_head_in_view
 
     predictor, data = shipped
     test = _split(data, "test", "lgg")

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from brainmri import calibration
-from brainmri import ood
-from brainmri import ood_sets
+from brainmri.inference import calibration
+from brainmri.inference import ood
+from brainmri.training import ood_sets
 from brainmri.imaging import load_scan
 
 from conftest import encode

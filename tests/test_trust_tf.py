@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import write_model_card
+from brainmri.inference import CLASSES
+from brainmri.inference import write_model_card
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,7 +55,7 @@ def blob_model(tmp_path_factory):
 
 
 def test_gradcam_highlights_the_planted_blob(blob_model):
-    from brainmri.predictor import Predictor
+    from brainmri.inference import Predictor
 
     predictor = Predictor.from_path(blob_model)
     rng = np.random.default_rng(5)
@@ -78,7 +78,7 @@ def test_gradcam_highlights_the_planted_blob(blob_model):
 
 
 def test_served_probabilities_are_calibrated_and_sum_to_one(blob_model, tmp_path):
-    from brainmri.predictor import Predictor
+    from brainmri.inference import Predictor
 
     meta_path = blob_model.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
@@ -101,10 +101,10 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
     from test_shipped_model import MODEL
     from conftest import require_real_data
 
-    from brainmri import ood_sets
-    from brainmri import trust
-    from brainmri.dataset import load_dataset
-    from brainmri.predictor import Predictor
+    from brainmri.training import ood_sets
+    from brainmri.training import trust
+    from brainmri.training.dataset import load_dataset
+    from brainmri.inference import Predictor
 
     root = require_real_data()
     predictor = Predictor.from_path(MODEL)
@@ -115,7 +115,7 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
             model_input = predictor.prepare(image.data)
             _, embedding = predictor.forward(model_input[None])
             assert predictor.guard.assess(model_input, image.data, embedding).refused, image.name
-    from brainmri.evaluation import manifest_splits
+    from brainmri.training.evaluation import manifest_splits
 
     data = load_dataset(root, predictor.input_size)
     index = {path: i for i, path in enumerate(data.paths)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .modelcard import CLASSES
+from ..inference import CLASSES
 
 __all__ = ["ARCHITECTURES", "Architecture", "build", "check_weights", "get_architecture", "set_batchnorm_momentum"]
 
@@ -69,7 +69,7 @@ def build_cnn(size: int = 128, dropout: float = 0.3, num_classes: int = len(CLAS
     """The BrainMRI CNN (see `training.build_model`); it has no pretrained weights."""
     if weights not in (None, "none"):
         raise ValueError("The custom CNN has no pretrained weights; use --weights none.")
-    from .training import build_model
+    from .trainer import build_model
 
     return build_model(size, widths, dropout, num_classes=num_classes, bn_momentum=BN_MOMENTUM)
 

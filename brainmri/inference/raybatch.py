@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .imaging import ImageError
-from .inference import Outcome
+from ..imaging import ImageError
+from .guarded import Outcome
 
 # Ray (>= 2.43) sees a driver started by `uv run` and, by default, ships the working directory
 # (all of model/) to a fresh `uv run` environment for every worker: minutes of installing
@@ -85,7 +85,7 @@ def _decode_error(text: str) -> tuple[str, Exception]:
 
 def prepare_chunk(row: dict[str, Any], size: int, max_pixels: int) -> dict[str, Any]:
     """Ray task: read and preprocess one chunk's files; errors become that file's error text."""
-    from .imaging import load_scan
+    from ..imaging import load_scan
 
     paths = [str(path) for path in row["paths"]]
     data: list[bytes] = []
@@ -131,8 +131,8 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score every chunk of the batch (one, with batch_size=1); rows as JSON text."""
-        from . import inference
-        from .cli import _csv_row
+        from ..cli import _csv_row
+        from . import guarded
 
         results = []
         for paths, data, images, errors in zip(batch["paths"], batch["data"], batch["images"],
@@ -150,7 +150,7 @@ class Scorer:
                 else:
                     prepared.append(images[index])
                 read.append(index)
-            classified = inference.classify_many(
+            classified = guarded.classify_many(
                 self.predictor, [bytes(data[i]) for i in read], self.uncertain_below,
                 guard=self.guard, isolate=True, prepared=prepared)
             outcomes.update(zip(read, classified))
@@ -201,7 +201,7 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
     import ray
 
     from .export import snapshot_model
-    from .imaging import DEFAULT_MAX_PIXELS
+    from ..imaging import DEFAULT_MAX_PIXELS
     from .modelcard import metadata_path_for
     from .modelcard import read_model_card
 

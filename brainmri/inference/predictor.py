@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from .calibration import apply_temperature
-from .imaging import DEFAULT_MAX_PIXELS
-from .imaging import load_scan
+from ..imaging import DEFAULT_MAX_PIXELS
+from ..imaging import load_scan
 from .ood import NotBrainMRI
 from .ood import OODGuard
 from .modelcard import CLASSES

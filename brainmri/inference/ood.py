@@ -30,8 +30,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .imaging import ImageError
-from .imaging import sniff_format
+from ..imaging import ImageError
+from ..imaging import sniff_format
 
 __all__ = [
     "EXPOSURE_INPUTS",

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import imaging
+from .. import imaging
 from .dedup import perceptual_hash
-from .modelcard import CLASSES
+from ..inference import CLASSES
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -18,7 +18,7 @@ from flask import g
 from flask import has_request_context
 from flask import request
 
-from .imaging import sniff_format
+from ..imaging import sniff_format
 
 __all__ = ["configure_logger", "init_app", "log_batch", "log_prediction", "request_id"]
 

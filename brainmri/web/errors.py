@@ -18,9 +18,9 @@ from flask import request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from .imaging import ImageError
+from ..imaging import ImageError
 from .logs import request_id
-from .modelcard import ModelError
+from ..inference import ModelError
 
 __all__ = ["IMAGE_ERROR_STATUS", "UploadError", "init_app", "respond", "size_limit_text"]
 

@@ -17,13 +17,13 @@ from . import uploads
 from .descriptions import CLASS_DESCRIPTIONS
 from .descriptions import CLASS_NAMES
 from .errors import size_limit_text
-from .explain import legend_data_uri
-from .explain import overlay_data_uri
-from .modelcard import CLASSES
-from .modelcard import ModelError
-from .predictor import DISCLAIMER
-from .registry import REGISTRY_KEY
-from .registry import leakage_free_score
+from ..inference import legend_data_uri
+from ..inference import overlay_data_uri
+from ..inference import CLASSES
+from ..inference import ModelError
+from ..inference import DISCLAIMER
+from ..inference import REGISTRY_KEY
+from ..inference import leakage_free_score
 
 __all__ = ["CLASS_NAMES", "bp", "is_uncertain", "model_choices", "rounded_percentages"]
 

@@ -21,17 +21,17 @@ from flask import current_app
 from flask import request
 from werkzeug.datastructures import FileStorage
 
-from . import inference
+from .. import inference
 from .errors import UploadError
-from .inference import Outcome
+from ..inference import Outcome
 from .logs import log_prediction
-from .modelcard import ModelError
-from .predictor import EXTENSION_KEY
-from .predictor import Explanation
-from .predictor import Prediction
-from .predictor import Predictor
-from .registry import REGISTRY_KEY
-from .registry import UnknownModel
+from ..inference import ModelError
+from ..inference import EXTENSION_KEY
+from ..inference import Explanation
+from ..inference import Prediction
+from ..inference import Predictor
+from ..inference import REGISTRY_KEY
+from ..inference import UnknownModel
 
 __all__ = [
     "ACCEPT",

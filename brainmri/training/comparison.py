@@ -29,7 +29,7 @@ from .evaluation import pointing_score
 from .evaluation import predict_canonical
 from .evaluation import splits_path_for
 from .evaluation import trained_collections
-from .registry import held_out_score
+from ..inference import held_out_score
 
 __all__ = ["ComparisonError", "compare", "markdown_table", "single_image_latency_ms"]
 
@@ -119,7 +119,7 @@ def compare(model_paths: list[Path], data_roots: Path | list[Path], out_dir: Pat
     Raises:
         ComparisonError: no models, or their split manifests or input sizes differ.
     """
-    from .predictor import Predictor
+    from ..inference import Predictor
 
     if not model_paths:
         raise ComparisonError("No models to compare.")

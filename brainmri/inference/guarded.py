@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .imaging import ImageError
+from ..imaging import ImageError
 from .predictor import Prediction
 
 __all__ = ["REFUSAL_CODES", "Outcome", "classify_many", "classify_one", "uncertain_threshold"]

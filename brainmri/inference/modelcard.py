@@ -107,7 +107,7 @@ def read_model_card(model_path: Path, verify_sha256: bool = True) -> ModelCard:
             f"Model metadata {meta_path.name} lists classes {list(classes)}; "
             f"expected each of {list(CLASSES)} at most once."
         )
-    from .imaging import PREPROCESSING_VERSION
+    from ..imaging import PREPROCESSING_VERSION
 
     trained_with = (raw.get("preprocessing") or {}).get("version")
     if trained_with is not None and int(trained_with) != PREPROCESSING_VERSION:

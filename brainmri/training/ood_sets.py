@@ -61,7 +61,7 @@ def default_ood_root() -> Path:
     """`$BRAINMRI_OOD_DATA`, else `ood_train/` beside the data sets (`../shared/data/ood_train`)."""
     import os
 
-    from .config import PROJECT_ROOT
+    from ..config import PROJECT_ROOT
 
     default = PROJECT_ROOT.parent / "shared" / "data" / "ood_train"
     return Path(os.environ.get("BRAINMRI_OOD_DATA", default))

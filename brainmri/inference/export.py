@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .imaging import PREPROCESSING
+from ..imaging import PREPROCESSING
 from .modelcard import ModelError
 from .modelcard import metadata_path_for
 from .modelcard import read_model_card

@@ -13,11 +13,11 @@ from flask.typing import ResponseReturnValue
 
 from . import uploads
 from .errors import UploadError
-from .imaging import ImageError
+from ..imaging import ImageError
 from .logs import log_batch
-from .predictor import DISCLAIMER
-from .predictor import EXTENSION_KEY
-from .registry import REGISTRY_KEY
+from ..inference import DISCLAIMER
+from ..inference import EXTENSION_KEY
+from ..inference import REGISTRY_KEY
 
 __all__ = ["bp"]
 
@@ -45,7 +45,7 @@ def predict() -> ResponseReturnValue:
     body = result.prediction.to_dict()
     body["model"] = result.model
     if result.explanation is not None:
-        from .explain import heatmap_png
+        from ..inference import heatmap_png
 
         heatmap = result.explanation.heatmap
         body["explanation"] = {

@@ -20,14 +20,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from . import calibration
-from . import ood
+from ..inference import calibration
+from ..inference import ood
 from . import ood_sets
 from .dataset import CachedDataset
 from .dataset import load_datasets
-from .imaging import ImageError
-from .modelcard import CLASSES
-from .modelcard import metadata_path_for
+from ..imaging import ImageError
+from ..inference import CLASSES
+from ..inference import metadata_path_for
 
 __all__ = ["calibrate", "evaluate_trust", "measure_images", "ood_test_images"]
 
@@ -226,7 +226,7 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     """
     from .evaluation import expected_calibration_error
     from .evaluation import splits_path_for
-    from .predictor import Predictor
+    from ..inference import Predictor
 
     predictor = Predictor.from_path(model_path)
     predictor.load()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .modelcard import CLASSES
+from ..inference import CLASSES
 
 __all__ = ["pyplot", "reliability", "write_all"]
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from . import architectures
 from . import dedup
-from . import imaging
+from .. import imaging
 from .dataset import CachedDataset
 from .dataset import load_datasets
-from .modelcard import CLASSES
-from .modelcard import write_model_card
+from ..inference import CLASSES
+from ..inference import write_model_card
 from .splits import SplitPlan
 from .splits import split_dataset
 

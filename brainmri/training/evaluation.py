@@ -24,7 +24,7 @@ from .dataset import UNSPECIFIED
 from .dataset import CachedDataset
 from .dataset import load_datasets
 from .dataset import no_head_in_view
-from .modelcard import CLASSES
+from ..inference import CLASSES
 from .splits import split_dataset
 
 __all__ = [
@@ -230,8 +230,8 @@ def pointing_score(predictor, data: CachedDataset, indices: np.ndarray, dilation
     """
     import cv2
 
-    from .imaging import decode_image
-    from .imaging import resize_mask
+    from ..imaging import decode_image
+    from ..imaging import resize_mask
 
     size = predictor.input_size
     radius = max(1, int(round(dilation * size)))
@@ -285,7 +285,7 @@ def evaluate(model_path: Path, data_roots: Path | list[Path], out_dir: Path,
              cache_dir: Path | None = None, progress=None) -> dict[str, Any]:
     """Evaluate `model_path` on every collection given, write metrics.json and plots into `out_dir`."""
     from . import plots
-    from .predictor import Predictor
+    from ..inference import Predictor
 
     predictor = Predictor.from_path(model_path)
     predictor.load()

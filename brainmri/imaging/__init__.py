@@ -1,0 +1,47 @@
+"""Bytes to model input: decode PNG/JPEG/DICOM safely, then prepare what the network sees.
+
+The lowest room: it imports nothing else from brainmri, and no Flask or TensorFlow. `load_scan`
+is the one preprocessing path that serving, batch prediction, training and evaluation share.
+"""
+
+from .dicom import MODALITY_NAMES
+from .dicom import decode_dicom
+from .preprocessing import DEFAULT_MAX_PIXELS
+from .preprocessing import PREPROCESSING
+from .preprocessing import PREPROCESSING_VERSION
+from .preprocessing import SUPPORTED_FORMATS
+from .preprocessing import HeadCrop
+from .preprocessing import ImageError
+from .preprocessing import apply_head_crop
+from .preprocessing import crop_to_head
+from .preprocessing import decode_image
+from .preprocessing import image_dimensions
+from .preprocessing import load_scan
+from .preprocessing import locate_head
+from .preprocessing import preprocess
+from .preprocessing import resize_mask
+from .preprocessing import sniff_format
+from .preprocessing import strip_frame
+from .preprocessing import to_uint8
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MODALITY_NAMES",
+    "PREPROCESSING",
+    "PREPROCESSING_VERSION",
+    "SUPPORTED_FORMATS",
+    "HeadCrop",
+    "ImageError",
+    "apply_head_crop",
+    "crop_to_head",
+    "decode_dicom",
+    "decode_image",
+    "image_dimensions",
+    "load_scan",
+    "locate_head",
+    "preprocess",
+    "resize_mask",
+    "sniff_format",
+    "strip_frame",
+    "to_uint8",
+]
