@@ -48,7 +48,7 @@ HANG_SECONDS = float(os.environ.get("BRAINMRI_FUZZ_HANG_SECONDS", "10"))
 # Per format; the defaults take about 20-30 s on two CPU cores.
 EXAMPLES = int(os.environ.get("BRAINMRI_FUZZ_EXAMPLES", "500"))
 HTTP_EXAMPLES = int(os.environ.get("BRAINMRI_FUZZ_HTTP_EXAMPLES", str(max(10, EXAMPLES // 3))))
-REGRESSIONS = Path(__file__).parent / "fixtures" / "fuzz_regressions"
+REGRESSIONS = Path(__file__).parents[1] / "fixtures" / "fuzz_regressions"
 
 pytestmark = [
     # pydicom warns about every oddity of a mutated file (excess frames, missing delimiters);
