@@ -4,23 +4,23 @@ The lowest room: it imports nothing else from brainmri, and no Flask or TensorFl
 is the one preprocessing path that serving, batch prediction, training and evaluation share.
 """
 
+from .decode import DEFAULT_MAX_PIXELS
+from .decode import SUPPORTED_FORMATS
+from .decode import decode_image
+from .decode import image_dimensions
+from .decode import sniff_format
 from .dicom import MODALITY_NAMES
 from .dicom import decode_dicom
-from .preprocessing import DEFAULT_MAX_PIXELS
+from .errors import ImageError
 from .preprocessing import PREPROCESSING
 from .preprocessing import PREPROCESSING_VERSION
-from .preprocessing import SUPPORTED_FORMATS
 from .preprocessing import HeadCrop
-from .preprocessing import ImageError
 from .preprocessing import apply_head_crop
 from .preprocessing import crop_to_head
-from .preprocessing import decode_image
-from .preprocessing import image_dimensions
 from .preprocessing import load_scan
 from .preprocessing import locate_head
 from .preprocessing import preprocess
 from .preprocessing import resize_mask
-from .preprocessing import sniff_format
 from .preprocessing import strip_frame
 from .preprocessing import to_uint8
 

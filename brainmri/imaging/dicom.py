@@ -25,7 +25,7 @@ import io
 import cv2
 import numpy as np
 
-from .preprocessing import ImageError
+from .errors import ImageError
 
 __all__ = ["MODALITY_NAMES", "decode_dicom"]
 

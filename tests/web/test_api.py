@@ -161,7 +161,7 @@ def test_bomb_is_refused_before_decoding(client, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("decoder called")
 
-    monkeypatch.setattr("brainmri.imaging.preprocessing.cv2.imdecode", forbidden)
+    monkeypatch.setattr("brainmri.imaging.decode.cv2.imdecode", forbidden)
     assert_error(post_file(client, bomb_png(), "b.png"), 413, "image_too_large")
 
 
