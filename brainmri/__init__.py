@@ -47,8 +47,8 @@ def configure(app: Flask, test_config: dict[str, Any] | None) -> None:
 
 def register_extensions(app: Flask) -> None:
     """Request logging, security, and the (not yet loaded) predictor."""
-    from .inference import predictor
     from .web import logs
+    from .web import models
     from .web import ratelimit
     from .web import security
 
@@ -57,7 +57,7 @@ def register_extensions(app: Flask) -> None:
     security.init_app(app)
     # Cheap: validates the metadata and sha256 without importing TensorFlow. The model itself
     # loads in main.py after gunicorn forks, or on the first prediction under `flask run`.
-    predictor.init_app(app)
+    models.init_app(app)
 
 
 def register_errorhandlers(app: Flask) -> None:

@@ -26,7 +26,7 @@ from brainmri import create_app
 from brainmri.config import PROJECT_ROOT
 from brainmri.imaging import load_scan
 from brainmri.inference import CLASSES
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 from brainmri.inference import Explanation
 from brainmri.inference import Prediction
 

@@ -20,7 +20,7 @@ from brainmri.inference import CLASSES
 from brainmri.inference import TRAIN_HINT
 from brainmri.inference import ModelError
 from brainmri.inference import write_model_card
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 from brainmri.inference import Predictor
 
 SKIP = {"BRAINMRI_SKIP_MODEL": True}

@@ -157,7 +157,7 @@ def test_a_file_named_directly_is_tried_whatever_its_suffix(fake, folder, model_
 
 def test_cli_and_api_give_the_same_answers(app, fake, folder, model_file, tmp_path):
     """One path: the batch API's answer for each file is the CLI's row for it."""
-    from brainmri.inference import EXTENSION_KEY
+    from brainmri.web import EXTENSION_KEY
 
     app.extensions[EXTENSION_KEY] = fake
     _, _, rows = run_predict(tmp_path, str(folder), "--model", model_file)

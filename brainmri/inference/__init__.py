@@ -29,11 +29,9 @@ from .ood import NotBrainMRI
 from .ood import OODGuard
 from .ood import Verdict
 from .predictor import DISCLAIMER
-from .predictor import EXTENSION_KEY
 from .predictor import Explanation
 from .predictor import Prediction
 from .predictor import Predictor
-from .registry import REGISTRY_KEY
 from .registry import ModelRegistry
 from .registry import UnknownModel
 from .registry import default_model_path
@@ -44,9 +42,7 @@ from .registry import leakage_free_score
 __all__ = [
     "CLASSES",
     "DISCLAIMER",
-    "EXTENSION_KEY",
     "REFUSAL_CODES",
-    "REGISTRY_KEY",
     "TRAIN_HINT",
     "Explanation",
     "ModelCard",

@@ -27,14 +27,12 @@ from .modelcard import ModelCard
 from .modelcard import ModelError
 from .modelcard import read_model_card
 
-__all__ = ["DISCLAIMER", "Explanation", "Prediction", "Predictor", "get_predictor", "init_app"]
+__all__ = ["DISCLAIMER", "Explanation", "Prediction", "Predictor"]
 
 DISCLAIMER = (
     "For research and education only. This is not a medical device and not a diagnosis; "
     "a qualified clinician must review every scan."
 )
-
-EXTENSION_KEY = "brainmri.predictor"
 
 
 @dataclass(frozen=True)
@@ -327,36 +325,3 @@ class Predictor:
             ImageError: the bytes are not a usable image.
         """
         return self.predict(self.prepare(data))
-
-
-def init_app(app) -> None:
-    """Attach the (unloaded) model registry and its default predictor; fails fast on bad metadata.
-
-    Raises:
-        ModelError: a model is missing, its metadata is missing/invalid, or its sha256 differs.
-    """
-    if app.config.get("BRAINMRI_SKIP_MODEL"):
-        return
-    from .registry import REGISTRY_KEY
-    from .registry import ModelRegistry
-    from .registry import default_model_path
-    from .registry import discover_models
-
-    single = app.config.get("BRAINMRI_MODEL_PATH")
-    if single:
-        paths = [Path(single)]
-        default = paths[0]
-    else:
-        model_dir = Path(app.config["BRAINMRI_MODEL_DIR"])
-        default = default_model_path(model_dir, app.config.get("BRAINMRI_DEFAULT_MODEL"))
-        paths = discover_models(model_dir)
-    registry = ModelRegistry.from_paths(paths, default, app.config["BRAINMRI_MAX_PIXELS"])
-    app.extensions[REGISTRY_KEY] = registry
-    app.extensions[EXTENSION_KEY] = registry.get()
-
-
-def get_predictor() -> Predictor:
-    """The predictor of the current app (one per worker process)."""
-    from flask import current_app
-
-    return current_app.extensions[EXTENSION_KEY]

@@ -30,7 +30,6 @@ from .modelcard import ModelError
 from .modelcard import metadata_path_for
 
 __all__ = [
-    "REGISTRY_KEY",
     "ModelRegistry",
     "UnknownModel",
     "default_model_path",
@@ -38,8 +37,6 @@ __all__ = [
     "held_out_score",
     "leakage_free_score",
 ]
-
-REGISTRY_KEY = "brainmri.models"
 
 
 class UnknownModel(LookupError):

@@ -8,18 +8,24 @@ from . import api
 from . import descriptions
 from . import errors
 from . import logs
+from . import models
 from . import ratelimit
 from . import security
 from . import uploads
 from . import views
+from .models import EXTENSION_KEY
+from .models import REGISTRY_KEY
 from .uploads import ALLOWED_EXTENSIONS
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
+    "EXTENSION_KEY",
+    "REGISTRY_KEY",
     "api",
     "descriptions",
     "errors",
     "logs",
+    "models",
     "ratelimit",
     "security",
     "uploads",

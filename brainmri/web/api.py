@@ -15,9 +15,9 @@ from . import uploads
 from .errors import UploadError
 from ..imaging import ImageError
 from .logs import log_batch
+from .models import EXTENSION_KEY
+from .models import REGISTRY_KEY
 from ..inference import DISCLAIMER
-from ..inference import EXTENSION_KEY
-from ..inference import REGISTRY_KEY
 
 __all__ = ["bp"]
 

@@ -25,12 +25,12 @@ from .. import inference
 from .errors import UploadError
 from ..inference import Outcome
 from .logs import log_prediction
+from .models import EXTENSION_KEY
+from .models import REGISTRY_KEY
 from ..inference import ModelError
-from ..inference import EXTENSION_KEY
 from ..inference import Explanation
 from ..inference import Prediction
 from ..inference import Predictor
-from ..inference import REGISTRY_KEY
 from ..inference import UnknownModel
 
 __all__ = [

@@ -17,12 +17,12 @@ from . import uploads
 from .descriptions import CLASS_DESCRIPTIONS
 from .descriptions import CLASS_NAMES
 from .errors import size_limit_text
+from .models import REGISTRY_KEY
 from ..inference import legend_data_uri
 from ..inference import overlay_data_uri
 from ..inference import CLASSES
 from ..inference import ModelError
 from ..inference import DISCLAIMER
-from ..inference import REGISTRY_KEY
 from ..inference import leakage_free_score
 
 __all__ = ["CLASS_NAMES", "bp", "is_uncertain", "model_choices", "rounded_percentages"]

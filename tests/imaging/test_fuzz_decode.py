@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from brainmri import create_app
 from brainmri.imaging import ImageError
 from brainmri.imaging import load_scan
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 from conftest import FakePredictor
 from conftest import dicom_bytes
 from conftest import encode

@@ -13,7 +13,7 @@ from brainmri import create_app
 from brainmri.config import PROJECT_ROOT
 from brainmri.inference import CLASSES
 from brainmri.inference import write_model_card
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 
 from conftest import encode
 from conftest import synthetic_slice

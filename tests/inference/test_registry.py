@@ -10,8 +10,8 @@ from brainmri import create_app
 from brainmri.inference import CLASSES
 from brainmri.inference import ModelError
 from brainmri.inference import write_model_card
-from brainmri.inference import EXTENSION_KEY
-from brainmri.inference import REGISTRY_KEY
+from brainmri.web import EXTENSION_KEY
+from brainmri.web import REGISTRY_KEY
 from brainmri.inference import ModelRegistry
 from brainmri.inference import default_model_path
 from brainmri.inference import discover_models

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from brainmri.inference import CLASSES
 from brainmri.inference import ModelError
 from brainmri.inference import DISCLAIMER
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 
 from conftest import FAKE_PROBABILITIES
 from conftest import bomb_png

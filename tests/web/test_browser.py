@@ -17,7 +17,7 @@ import pytest
 
 from brainmri import create_app
 from brainmri.inference import DISCLAIMER
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 
 from conftest import CHROMIUM
 from conftest import FakePredictor

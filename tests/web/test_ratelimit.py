@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from brainmri import create_app
-from brainmri.inference import EXTENSION_KEY
+from brainmri.web import EXTENSION_KEY
 from brainmri.web.ratelimit import EXTENSION_KEY as LIMITER_KEY
 from brainmri.web.ratelimit import RateLimiter
 from brainmri.web.ratelimit import parse_rate
