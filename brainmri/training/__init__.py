@@ -15,6 +15,7 @@ from . import trust
 from .architectures import ARCHITECTURES
 from .architectures import Architecture
 from .architectures import build
+from .architectures import build_model
 from .architectures import check_weights
 from .architectures import get_architecture
 from .comparison import ComparisonError
@@ -41,6 +42,7 @@ __all__ = [
     "TrainResult",
     "architectures",
     "build",
+    "build_model",
     "calibrate",
     "check_weights",
     "compare",

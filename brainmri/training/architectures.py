@@ -20,7 +20,19 @@ from typing import Any
 
 from ..inference import CLASSES
 
-__all__ = ["ARCHITECTURES", "Architecture", "build", "check_weights", "get_architecture", "set_batchnorm_momentum"]
+__all__ = [
+    "ARCHITECTURES",
+    "LAST_CONV_LAYER",
+    "Architecture",
+    "build",
+    "build_model",
+    "check_weights",
+    "get_architecture",
+    "set_batchnorm_momentum",
+]
+
+# Grad-CAM and tests find the last convolutional feature map by this name.
+LAST_CONV_LAYER = "last_conv"
 
 # Keras' default BatchNorm momentum (0.99; 0.999 in MobileNetV2) leaves the moving variance far
 # from the batch statistics after a few hundred steps on this small data set, and the model then
@@ -64,13 +76,43 @@ def _classifier(features, dropout: float, num_classes: int):
     return layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
 
 
+def build_model(size: int = 128, widths: tuple[int, ...] = (32, 64, 128), dropout: float = 0.3,
+                num_classes: int = len(CLASSES), bn_momentum: float = 0.9):
+    """The BrainMRI CNN: (size, size, 1) in [0, 1] -> softmax over `num_classes`.
+
+    A stride-2 stem plus max-pool bring 128² to 32² before the first full-width stage, which is
+    what makes a 2-core CPU train at ~100 images/s; each later stage halves the map. The last
+    stage's activation is named `last_conv` for Grad-CAM. No Lambda or custom layers, so the
+    .h5 loads with plain `keras.saving.load_model`.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 1), name="scan")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.MaxPooling2D(name="stem_pool")(x)
+    for stage, width in enumerate(widths):
+        for unit in range(2):
+            prefix = f"s{stage}_u{unit}"
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn")(x)
+            last = stage == len(widths) - 1 and unit == 1
+            x = layers.ReLU(name=LAST_CONV_LAYER if last else f"{prefix}_relu")(x)
+        if stage < len(widths) - 1:
+            x = layers.MaxPooling2D(name=f"s{stage}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="brainmri_cnn")
+
+
 def build_cnn(size: int = 128, dropout: float = 0.3, num_classes: int = len(CLASSES),
               weights: str | None = None, widths: tuple[int, ...] = (32, 64, 128)):
-    """The BrainMRI CNN (see `training.build_model`); it has no pretrained weights."""
+    """The BrainMRI CNN (`build_model`); it has no pretrained weights."""
     if weights not in (None, "none"):
         raise ValueError("The custom CNN has no pretrained weights; use --weights none.")
-    from .trainer import build_model
-
     return build_model(size, widths, dropout, num_classes=num_classes, bn_momentum=BN_MOMENTUM)
 
 
