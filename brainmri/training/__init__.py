@@ -8,6 +8,7 @@ from . import architectures
 from . import dataset
 from . import dedup
 from . import evaluation
+from . import metrics
 from . import ood_sets
 from . import plots
 from . import splits
@@ -56,6 +57,7 @@ __all__ = [
     "load_dataset",
     "load_datasets",
     "markdown_table",
+    "metrics",
     "no_head_in_view",
     "ood_sets",
     "plots",

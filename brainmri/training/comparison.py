@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 
 from .dataset import load_datasets
-from .evaluation import binary_metrics
 from .evaluation import by_sequence
-from .evaluation import classification_metrics
 from .evaluation import eval_sets
-from .evaluation import manifest_splits
 from .evaluation import pointing_score
 from .evaluation import predict_canonical
-from .evaluation import splits_path_for
-from .evaluation import trained_collections
+from .metrics import binary_metrics
+from .metrics import classification_metrics
+from .splits import manifest_splits
+from .splits import splits_path_for
+from .splits import trained_collections
 from ..inference import held_out_score
 
 __all__ = ["ComparisonError", "compare", "markdown_table", "single_image_latency_ms"]

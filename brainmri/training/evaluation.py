@@ -25,28 +25,21 @@ from .dataset import CachedDataset
 from .dataset import load_datasets
 from .dataset import no_head_in_view
 from ..inference import CLASSES
+from .metrics import binary_metrics
+from .metrics import classification_metrics
+from .splits import manifest_splits
 from .splits import split_dataset
+from .splits import splits_path_for
+from .splits import trained_collections
 
 __all__ = [
     "EvalSet",
-    "binary_metrics",
     "by_sequence",
-    "classification_metrics",
-    "manifest_splits",
     "pointing_score",
-    "trained_collections",
     "eval_sets",
     "evaluate",
-    "expected_calibration_error",
     "predict_canonical",
-    "roc_curve",
-    "splits_path_for",
 ]
-
-
-def splits_path_for(model_path: Path) -> Path:
-    """The split manifest written beside a model (`<stem>.splits.json`)."""
-    return Path(model_path).with_suffix(".splits.json")
 
 
 @dataclass(frozen=True)
@@ -56,91 +49,6 @@ class EvalSet:
     name: str
     indices: np.ndarray
     description: str
-
-
-def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """False-positive rates, true-positive rates and the AUC for one-vs-rest scores."""
-    positive = np.asarray(positive, bool)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positive = scores[order], positive[order]
-    # Only keep the last point of tied scores so ties do not fake a staircase.
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(positive)[distinct]
-    fps = (distinct + 1) - tps
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.zeros(len(tps) + 1)
-    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.zeros(len(fps) + 1)
-    auc = float(np.trapezoid(tpr, fpr)) if n_pos and n_neg else float("nan")
-    return fpr, tpr, auc
-
-
-def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 15) -> float:
-    """ECE: the confidence-vs-accuracy gap averaged over equal-width confidence bins."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(ece)
-
-
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
-                           classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, AUCs and ECE."""
-    y_true = np.asarray(y_true)
-    y_pred = probs.argmax(axis=1)
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=int)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    per_class = {}
-    f1s = []
-    for i, name in enumerate(classes):
-        tp = confusion[i, i]
-        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        _, _, auc = roc_curve(y_true == i, probs[:, i])
-        # Recall is undefined for a class absent from the set: None, not a misleading 0.
-        per_class[name] = {"precision": round(float(precision), 4),
-                           "recall": round(float(recall), 4) if actual else None,
-                           "f1": round(float(f1), 4), "support": int(actual),
-                           "auc": None if np.isnan(auc) else round(auc, 4)}
-        if actual:
-            f1s.append(f1)
-    confidence = probs.max(axis=1)
-    correct = y_pred == y_true
-    no_tumor = classes.index("no_tumor")
-    tumor_true = y_true != no_tumor
-    tumor_pred = y_pred != no_tumor
-    return {
-        "images": int(len(y_true)),
-        "accuracy": round(float(correct.mean()), 4) if len(y_true) else None,
-        "macro_f1": round(float(np.mean(f1s)), 4) if f1s else None,
-        "tumor_vs_no_tumor_accuracy": round(float((tumor_true == tumor_pred).mean()), 4)
-        if len(y_true) else None,
-        "per_class": per_class,
-        "confusion_matrix": {"classes": list(classes), "rows_true_cols_predicted": confusion.tolist()},
-        "mean_confidence": round(float(confidence.mean()), 4) if len(y_true) else None,
-        "ece": round(expected_calibration_error(correct, confidence), 4) if len(y_true) else None,
-    }
-
-
-def binary_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Any tumour against no tumour: sensitivity, specificity and their counts (None if absent)."""
-    no_tumor = CLASSES.index("no_tumor")
-    tumor_true = np.asarray(y_true) != no_tumor
-    tumor_pred = np.asarray(probs).argmax(1) != no_tumor
-    positives, negatives = int(tumor_true.sum()), int((~tumor_true).sum())
-    found, cleared = int((tumor_true & tumor_pred).sum()), int((~tumor_true & ~tumor_pred).sum())
-    return {
-        "tumor_images": positives,
-        "no_tumor_images": negatives,
-        "sensitivity": round(found / positives, 4) if positives else None,
-        "specificity": round(cleared / negatives, 4) if negatives else None,
-    }
 
 
 def by_sequence(y_true: np.ndarray, probs: np.ndarray, sequences: list[str]) -> dict[str, Any]:
@@ -154,17 +62,6 @@ def by_sequence(y_true: np.ndarray, probs: np.ndarray, sequences: list[str]) -> 
         table[name] = {"images": int(keep.sum()), "accuracy": round(float(correct.mean()), 4),
                        **binary_metrics(np.asarray(y_true)[keep], np.asarray(probs)[keep])}
     return table
-
-
-def trained_collections(manifest: dict) -> list[str]:
-    """The collections a split manifest covers (a one-root manifest of version 1 names its root)."""
-    return list(manifest.get("collections") or [manifest["root"]])
-
-
-def manifest_splits(manifest: dict) -> dict[str, list[str]]:
-    """{split: ["<collection>/<path>", ...]}; version-1 manifests held paths under their root."""
-    prefix = "" if "collections" in manifest else f"{manifest['root']}/"
-    return {name: [prefix + path for path in paths] for name, paths in manifest["splits"].items()}
 
 
 def _has_patients(data: CachedDataset, idx: np.ndarray) -> bool:

@@ -42,7 +42,7 @@ def _confusion(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> 
 
 
 def _roc(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
-    from .evaluation import roc_curve
+    from .metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     for i, cls in enumerate(CLASSES):

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import dedup
 
-__all__ = ["OFFICIAL_TEST", "SPLITS", "SplitPlan", "split_by_group", "split_dataset"]
+__all__ = [
+    "OFFICIAL_TEST",
+    "SPLITS",
+    "SplitPlan",
+    "manifest_splits",
+    "split_by_group",
+    "split_dataset",
+    "splits_path_for",
+    "trained_collections",
+]
 
 TRAIN, VAL, TEST = "train", "val", "test"
 OFFICIAL_TEST = "official_test"
@@ -140,3 +150,23 @@ def split_dataset(
         assignment[idx] = plan.assignment
     assignment[no_head_in_view(data.images)] = EXCLUDED
     return SplitPlan(assignment.astype(str))
+
+
+# The split manifest that `brainmri train` writes beside a model and that evaluation,
+# calibration and comparison read back.
+
+
+def splits_path_for(model_path: Path) -> Path:
+    """The split manifest written beside a model (`<stem>.splits.json`)."""
+    return Path(model_path).with_suffix(".splits.json")
+
+
+def trained_collections(manifest: dict) -> list[str]:
+    """The collections a split manifest covers (a one-root manifest of version 1 names its root)."""
+    return list(manifest.get("collections") or [manifest["root"]])
+
+
+def manifest_splits(manifest: dict) -> dict[str, list[str]]:
+    """{split: ["<collection>/<path>", ...]}; version-1 manifests held paths under their root."""
+    prefix = "" if "collections" in manifest else f"{manifest['root']}/"
+    return {name: [prefix + path for path in paths] for name, paths in manifest["splits"].items()}

@@ -58,7 +58,7 @@ def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch
 
 
 def _split_indices(data: CachedDataset, manifest: dict) -> dict[str, np.ndarray]:
-    from .evaluation import manifest_splits
+    from .splits import manifest_splits
 
     from .dataset import no_head_in_view
 
@@ -224,8 +224,8 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     Returns:
         The "calibration" and "ood" blocks written, plus figures measured on val.
     """
-    from .evaluation import expected_calibration_error
-    from .evaluation import splits_path_for
+    from .metrics import expected_calibration_error
+    from .splits import splits_path_for
     from ..inference import Predictor
 
     predictor = Predictor.from_path(model_path)
@@ -320,7 +320,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                    out_dir: Path) -> dict[str, Any]:
     """ECE before/after, the uncertain flag, false refusals and OOD refusals per category."""
     from . import plots
-    from .evaluation import expected_calibration_error
+    from .metrics import expected_calibration_error
 
     y = data.label_indices
     report: dict[str, Any] = {"temperature": predictor.temperature,

@@ -115,7 +115,7 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
             model_input = predictor.prepare(image.data)
             _, embedding = predictor.forward(model_input[None])
             assert predictor.guard.assess(model_input, image.data, embedding).refused, image.name
-    from brainmri.training.evaluation import manifest_splits
+    from brainmri.training.splits import manifest_splits
 
     data = load_dataset(root, predictor.input_size)
     index = {path: i for i, path in enumerate(data.paths)}

@@ -12,13 +12,13 @@ import pytest
 from brainmri.inference import registry
 from brainmri.training.dataset import load_datasets
 from brainmri.training.dataset import sequence_of
-from brainmri.training.evaluation import binary_metrics
 from brainmri.training.evaluation import by_sequence
 from brainmri.training.evaluation import eval_sets
-from brainmri.training.evaluation import manifest_splits
+from brainmri.training.metrics import binary_metrics
 from brainmri.imaging import preprocess
 from brainmri.imaging import resize_mask
 from brainmri.inference import CLASSES
+from brainmri.training.splits import manifest_splits
 from brainmri.training.splits import split_dataset
 
 from conftest import encode

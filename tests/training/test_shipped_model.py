@@ -45,7 +45,7 @@ def _accuracy(predictor, data, indices) -> float:
 
 
 def _manifest() -> dict:
-    from brainmri.training.evaluation import manifest_splits
+    from brainmri.training.splits import manifest_splits
 
     return manifest_splits(json.loads(MODEL.with_suffix(".splits.json").read_text()))
 
