@@ -41,6 +41,8 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true labels."""
+    # Not sklearn's log_loss: it clips at machine epsilon (not 1e-12), which would change the
+    # recorded NLL of every over-confident mistake.
     picked = np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
     return float(-np.mean(np.log(np.clip(picked, _EPS, 1.0))))
 
@@ -50,7 +52,8 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, low: float = 0.05,
     """The temperature in [low, high] that minimises the NLL of `labels` (golden-section on log T).
 
     NLL is convex in 1/T for a fixed set of logits, so the one-dimensional search finds the
-    global minimum; a coarse grid first guards against a flat start.
+    global minimum; a coarse grid first guards against a flat start. Kept rather than scipy's
+    bounded Brent search, which stops at a different last digit than the recorded temperatures.
     """
     if len(labels) == 0:
         return 1.0

@@ -1,7 +1,9 @@
 """Classification figures for an evaluation set: accuracy, per-class and any-tumour figures, ROC, ECE.
 
-Pure functions of labels and probabilities (NumPy); plots.py, evaluation.py, trust.py and
-comparison.py share them.
+Pure functions of labels and probabilities that plots.py, evaluation.py, trust.py and
+comparison.py share. The counting (confusion matrices, precision/recall/F1, ROC points, AUC) is
+scikit-learn's, imported inside the functions so `brainmri --help` stays fast; only the expected
+calibration error is written here, because scikit-learn has none.
 """
 
 from __future__ import annotations
@@ -15,29 +17,41 @@ from ..inference import CLASSES
 __all__ = [
     "binary_metrics",
     "classification_metrics",
+    "confusion_counts",
     "expected_calibration_error",
     "roc_curve",
 ]
 
 
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, labels) -> np.ndarray:
+    """Confusion matrix over `labels`, rows true and columns predicted; zeros for no samples."""
+    if len(y_true) == 0:  # scikit-learn refuses empty input; an empty set counts nothing
+        return np.zeros((len(labels), len(labels)), dtype=int)
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(y_true, y_pred, labels=labels)
+
+
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """False-positive rates, true-positive rates and the AUC for one-vs-rest scores."""
+    """False-positive rates, true-positive rates and the AUC for one-vs-rest scores.
+
+    One point per distinct score (ties are one step, not a staircase), from (0, 0). With only
+    one class present there is no curve: ([0], [0], nan).
+    """
     positive = np.asarray(positive, bool)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positive = scores[order], positive[order]
-    # Only keep the last point of tied scores so ties do not fake a staircase.
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(positive)[distinct]
-    fps = (distinct + 1) - tps
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.zeros(len(tps) + 1)
-    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.zeros(len(fps) + 1)
-    auc = float(np.trapezoid(tpr, fpr)) if n_pos and n_neg else float("nan")
-    return fpr, tpr, auc
+    if positive.all() or not positive.any():
+        return np.zeros(1), np.zeros(1), float("nan")
+    from sklearn.metrics import auc
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+    # drop_intermediate=False keeps every distinct score, as the plots have always drawn them.
+    fpr, tpr, _ = sklearn_roc_curve(positive, scores, drop_intermediate=False)
+    return fpr, tpr, float(auc(fpr, tpr))
 
 
 def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 15) -> float:
     """ECE: the confidence-vs-accuracy gap averaged over equal-width confidence bins."""
+    # Written here: scikit-learn has no ECE (calibration_curve gives per-bin means, no weights).
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     ece = 0.0
@@ -53,25 +67,27 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, AUCs and ECE."""
     y_true = np.asarray(y_true)
     y_pred = probs.argmax(axis=1)
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=int)
-    np.add.at(confusion, (y_true, y_pred), 1)
+    labels = np.arange(len(classes))
+    confusion = confusion_counts(y_true, y_pred, labels)
+    precision, recall, f1 = np.zeros((3, len(classes)))
+    if len(y_true):
+        from sklearn.metrics import precision_recall_fscore_support
+
+        # zero_division=0: a class never predicted has precision 0 (and F1 0), with no warning.
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, zero_division=0.0)
     per_class = {}
     f1s = []
     for i, name in enumerate(classes):
-        tp = confusion[i, i]
-        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        actual = int(confusion[i, :].sum())
         _, _, auc = roc_curve(y_true == i, probs[:, i])
         # Recall is undefined for a class absent from the set: None, not a misleading 0.
-        per_class[name] = {"precision": round(float(precision), 4),
-                           "recall": round(float(recall), 4) if actual else None,
-                           "f1": round(float(f1), 4), "support": int(actual),
+        per_class[name] = {"precision": round(float(precision[i]), 4),
+                           "recall": round(float(recall[i]), 4) if actual else None,
+                           "f1": round(float(f1[i]), 4), "support": actual,
                            "auc": None if np.isnan(auc) else round(auc, 4)}
         if actual:
-            f1s.append(f1)
+            f1s.append(f1[i])
     confidence = probs.max(axis=1)
     correct = y_pred == y_true
     no_tumor = classes.index("no_tumor")
@@ -95,8 +111,9 @@ def binary_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     no_tumor = CLASSES.index("no_tumor")
     tumor_true = np.asarray(y_true) != no_tumor
     tumor_pred = np.asarray(probs).argmax(1) != no_tumor
-    positives, negatives = int(tumor_true.sum()), int((~tumor_true).sum())
-    found, cleared = int((tumor_true & tumor_pred).sum()), int((~tumor_true & ~tumor_pred).sum())
+    cleared, false_alarms, missed, found = (
+        int(n) for n in confusion_counts(tumor_true, tumor_pred, [False, True]).ravel())
+    positives, negatives = found + missed, cleared + false_alarms
     return {
         "tumor_images": positives,
         "no_tumor_images": negatives,

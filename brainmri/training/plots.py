@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..inference import CLASSES
+from .metrics import confusion_counts
+from .metrics import roc_curve
 
 __all__ = ["pyplot", "reliability", "write_all"]
 
@@ -23,8 +25,7 @@ def pyplot():
 
 def _confusion(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
     k = len(CLASSES)
-    matrix = np.zeros((k, k), dtype=int)
-    np.add.at(matrix, (y, probs.argmax(1)), 1)
+    matrix = confusion_counts(y, probs.argmax(1), np.arange(k))
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     ax.imshow(matrix, cmap="Blues")
     for i in range(k):
@@ -42,8 +43,6 @@ def _confusion(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> 
 
 
 def _roc(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) -> None:
-    from .metrics import roc_curve
-
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     for i, cls in enumerate(CLASSES):
         if (y == i).any() and (y != i).any():
@@ -79,6 +78,7 @@ def _confidence(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray) ->
 def _reliability(plt, path: Path, name: str, y: np.ndarray, probs: np.ndarray, bins: int = 10) -> None:
     confidence = probs.max(1)
     correct = probs.argmax(1) == y
+    # The ECE's bins, with counts; sklearn's calibration_curve puts edge values in the lower bin.
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     centres, accuracy, counts = [], [], []

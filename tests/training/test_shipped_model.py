@@ -125,6 +125,31 @@ def test_no_lgg_patient_is_on_both_sides(shipped):
     assert not patients["val"] & patients["train"]
 
 
+def test_every_reported_figure_reproduces(shipped):
+    """reports/metrics.json, recomputed: each evaluation set's accuracy, per-class figures,
+    AUCs, confusion matrix, ECE, any-tumour and per-sequence figures, exactly as recorded."""
+    from brainmri.training.evaluation import by_sequence
+    from brainmri.training.evaluation import eval_sets
+    from brainmri.training.evaluation import predict_canonical
+    from brainmri.training.metrics import binary_metrics
+    from brainmri.training.metrics import classification_metrics
+
+    predictor, data = shipped
+    report = json.loads((MODEL.parents[1] / "reports" / "metrics.json").read_text())
+    assert report["model"]["sha256"] == predictor.card.sha256
+    sets = [s for s in eval_sets(data, json.loads(MODEL.with_suffix(".splits.json").read_text()))
+            if len(s.indices)]
+    assert sorted(s.name for s in sets) == sorted(report["sets"])
+    for eval_set in sets:
+        probs = predictor.calibrate(predict_canonical(predictor, data.images[eval_set.indices]))
+        truth = data.label_indices[eval_set.indices]
+        recorded = report["sets"][eval_set.name]
+        figures = classification_metrics(truth, probs)
+        assert figures == {key: recorded[key] for key in figures}, eval_set.name
+        assert binary_metrics(truth, probs) == recorded["tumor_vs_no_tumor"], eval_set.name
+        sequences = [data.sequences[i] for i in eval_set.indices]
+        assert by_sequence(truth, probs, sequences) == recorded["by_sequence"], eval_set.name
+
 def test_shipped_model_serves_a_real_jpeg_through_the_api(shipped):
     from brainmri import create_app
 
