@@ -12,7 +12,6 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -22,11 +21,10 @@ from flask.cli import NoAppException
 from .config import DEFAULTS
 from .config import PROJECT_ROOT
 from .inference import CLASSES
+from .inference import PREDICT_COLUMNS
 from .inference import ModelError
+from .inference import csv_row
 from .training import ARCHITECTURES
-
-if TYPE_CHECKING:
-    from .inference import Outcome
 
 __all__ = ["cli"]
 
@@ -371,24 +369,6 @@ def _skipped_text(skipped: Counter[str]) -> str:
             "(name a file on the command line to try it anyway).")
 
 
-PREDICT_COLUMNS = ["path", "label", "confidence", *CLASSES, "tumor_probability", "error",
-                   "refused", "reason", "uncertain"]
-
-
-def _csv_row(path: Path, outcome: Outcome) -> list[str]:
-    """One CSV row: a prediction, a refusal (no class, refused=true, the reason) or an error."""
-    prediction = outcome.prediction
-    if prediction is not None:
-        return [str(path), prediction.label, f"{prediction.confidence:.6f}",
-                *(f"{prediction.probabilities[c]:.6f}" for c in CLASSES),
-                f"{prediction.tumor_probability:.6f}", "", "false", "",
-                "true" if prediction.uncertain else "false"]
-    no_class = [""] * (len(CLASSES) + 3)  # label, confidence, probabilities, tumor_probability
-    if outcome.refused:
-        return [str(path), *no_class, "", "true", outcome.message, ""]
-    return [str(path), *no_class, outcome.message, "false", "", ""]
-
-
 @cli.command("predict", with_appcontext=False)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -467,7 +447,7 @@ def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int
             outcomes.update(zip((position for position, _ in read), classified))
             for position, path in enumerate(chunk):
                 outcome = outcomes[position]
-                writer.writerow(_csv_row(path, outcome))
+                writer.writerow(csv_row(path, outcome))
                 if outcome.prediction is not None:
                     counts["classified"] += 1
                     counts["uncertain"] += int(outcome.prediction.uncertain)

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from brainmri.inference import ood
-from brainmri.cli import PREDICT_COLUMNS
 from brainmri.cli import cli
 from brainmri.config import DEFAULTS
 from brainmri.inference import CLASSES
+from brainmri.inference import PREDICT_COLUMNS
 
 from conftest import FakePredictor
 from conftest import encode

@@ -12,10 +12,12 @@ from . import ood
 from .explain import heatmap_png
 from .explain import legend_data_uri
 from .explain import overlay_data_uri
+from .guarded import PREDICT_COLUMNS
 from .guarded import REFUSAL_CODES
 from .guarded import Outcome
 from .guarded import classify_many
 from .guarded import classify_one
+from .guarded import csv_row
 from .guarded import uncertain_threshold
 from .modelcard import CLASSES
 from .modelcard import TRAIN_HINT
@@ -42,6 +44,7 @@ from .registry import leakage_free_score
 __all__ = [
     "CLASSES",
     "DISCLAIMER",
+    "PREDICT_COLUMNS",
     "REFUSAL_CODES",
     "TRAIN_HINT",
     "Explanation",
@@ -58,6 +61,7 @@ __all__ = [
     "calibration",
     "classify_many",
     "classify_one",
+    "csv_row",
     "default_model_path",
     "discover_models",
     "explain",

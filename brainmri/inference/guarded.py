@@ -13,13 +13,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from ..imaging import ImageError
+from .modelcard import CLASSES
 from .predictor import Prediction
 
-__all__ = ["REFUSAL_CODES", "Outcome", "classify_many", "classify_one", "uncertain_threshold"]
+__all__ = [
+    "PREDICT_COLUMNS",
+    "REFUSAL_CODES",
+    "Outcome",
+    "classify_many",
+    "classify_one",
+    "csv_row",
+    "uncertain_threshold",
+]
 
 # ImageError codes that mean "usable file, but not a brain MRI slice": a refusal, not a failure.
 REFUSAL_CODES = frozenset({"not_brain_mri", "wrong_modality"})
@@ -121,3 +131,22 @@ def classify_one(predictor, data: bytes, uncertain_below: float,
     if outcome.error is not None:
         raise outcome.error
     return outcome.prediction, outcome.model_input
+
+
+# The CSV that `brainmri predict` writes, the same from the plain and the Ray engine.
+PREDICT_COLUMNS = ["path", "label", "confidence", *CLASSES, "tumor_probability", "error",
+                   "refused", "reason", "uncertain"]
+
+
+def csv_row(path: Path, outcome: Outcome) -> list[str]:
+    """One `brainmri predict` row: a prediction, a refusal (no class, refused=true) or an error."""
+    prediction = outcome.prediction
+    if prediction is not None:
+        return [str(path), prediction.label, f"{prediction.confidence:.6f}",
+                *(f"{prediction.probabilities[c]:.6f}" for c in CLASSES),
+                f"{prediction.tumor_probability:.6f}", "", "false", "",
+                "true" if prediction.uncertain else "false"]
+    no_class = [""] * (len(CLASSES) + 3)  # label, confidence, probabilities, tumor_probability
+    if outcome.refused:
+        return [str(path), *no_class, "", "true", outcome.message, ""]
+    return [str(path), *no_class, outcome.message, "false", "", ""]

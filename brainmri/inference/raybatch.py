@@ -49,7 +49,7 @@ __all__ = ["ChunkResult", "Scorer", "predict_chunks", "prepare_chunk"]
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """One scored file: its CSV row (cli.PREDICT_COLUMNS), kind and uncertain flag."""
+    """One scored file: its CSV row (guarded.PREDICT_COLUMNS), kind and uncertain flag."""
 
     row: list[str]
     kind: str  # "classified", "refused" or "unreadable", for the summary line
@@ -131,7 +131,6 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score every chunk of the batch (one, with batch_size=1); rows as JSON text."""
-        from ..cli import _csv_row
         from . import guarded
 
         results = []
@@ -160,7 +159,7 @@ class Scorer:
                 kind = ("classified" if outcome.prediction is not None
                         else "refused" if outcome.refused else "unreadable")
                 uncertain = bool(outcome.prediction is not None and outcome.prediction.uncertain)
-                rows.append([_csv_row(Path(str(path)), outcome), kind, uncertain])
+                rows.append([guarded.csv_row(Path(str(path)), outcome), kind, uncertain])
             results.append(json.dumps(rows))
         return {"chunk": batch["chunk"], "rows": np.array(results, dtype=object)}
 

@@ -61,9 +61,10 @@ def default_ood_root() -> Path:
     """`$BRAINMRI_OOD_DATA`, else `ood_train/` beside the data sets (`../shared/data/ood_train`)."""
     import os
 
-    from ..config import PROJECT_ROOT
-
-    default = PROJECT_ROOT.parent / "shared" / "data" / "ood_train"
+    # The checkout, from this file's place (brainmri/training/): config.PROJECT_ROOT is on top,
+    # and nothing in training imports from there.
+    project_root = Path(__file__).resolve().parents[2]
+    default = project_root.parent / "shared" / "data" / "ood_train"
     return Path(os.environ.get("BRAINMRI_OOD_DATA", default))
 
 
