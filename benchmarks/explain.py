@@ -31,12 +31,13 @@ def main() -> None:
     predictor = Predictor.from_path(args.model)
     predictor.load()
     data = default_image()
-    image = predictor.prepare(data)
+    scan = predictor.prepare_scan(data)
+    image = scan.model_input
     timings: dict[str, list[float]] = {"predict (no guard)": [], "predict_checked (forward + OOD guard)": [],
                                        "Grad-CAM (explain)": [], "heatmap overlay PNG": []}
     for _ in range(args.n):
         for name, call in (("predict (no guard)", lambda: predictor.predict(image)),
-                           ("predict_checked (forward + OOD guard)", lambda: predictor.predict_checked(image, data)),
+                           ("predict_checked (forward + OOD guard)", lambda: predictor.predict_checked(image, scan.colourfulness)),
                            ("Grad-CAM (explain)", lambda: predictor.explain(image, "glioma"))):
             started = time.perf_counter()
             result = call()

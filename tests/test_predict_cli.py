@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from brainmri.inference import ood
 from brainmri.cli import cli
 from brainmri.config import DEFAULTS
 from brainmri.inference import CLASSES
@@ -32,14 +31,14 @@ class ScreeningPredictor(FakePredictor):
         self.uncertain_below = uncertain_below
         self.batches: list[int] = []
 
-    def reasons(self, image: np.ndarray, data: bytes | None) -> tuple[str, ...]:
-        """Refuse on the real colour measurement of the upload."""
-        return ("colourfulness",) if ood.colourfulness(data) > 0.1 else ()
+    def reasons(self, image: np.ndarray, colourfulness: float | None) -> tuple[str, ...]:
+        """Refuse on the real colour measurement of the upload (from its one decode)."""
+        return ("colourfulness",) if (colourfulness or 0.0) > 0.1 else ()
 
-    def predict_checked_batch(self, images, data=None, guard: bool = True) -> list:
+    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True) -> list:
         """Record the batch size, then screen and classify."""
         self.batches.append(len(images))
-        return super().predict_checked_batch(images, data, guard)
+        return super().predict_checked_batch(images, colourfulness, guard)
 
 
 def colour_photo(size: int = 160) -> np.ndarray:

@@ -18,6 +18,9 @@ from .errors import ImageError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
+    "Decoded",
+    "colourfulness",
+    "decode_file",
     "decode_image",
     "image_dimensions",
     "sniff_format",
@@ -140,6 +143,14 @@ def _is_truncated(data: bytes, fmt: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One decode of a file: its grayscale pixels, and how colourful the file's own pixels are."""
+
+    grey: np.ndarray  # 2-D float32 in the file's value range, as `decode_image` returns it
+    colourfulness: float  # `colourfulness` of the decoded pixels; 0 for grey files and DICOM
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode PNG/JPEG/DICOM bytes into a 2-D float32 grayscale array in the file's value range.
 
@@ -149,6 +160,46 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     Raises:
         ImageError: empty, unknown, unsupported, truncated, corrupt or oversized input.
     """
+    return _grey(_decode_pixels(data, max_pixels))
+
+
+def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode once: `decode_image`'s grayscale array and the colour measured on the same pixels.
+
+    Raises:
+        ImageError: as `decode_image`.
+    """
+    pixels = _decode_pixels(data, max_pixels)
+    return Decoded(_grey(pixels), colourfulness(pixels))
+
+
+def colourfulness(pixels: np.ndarray, max_side: int = 256) -> float:
+    """Mean chroma (max minus min channel, 0..1) of decoded BGR pixels; 0 for grey ones.
+
+    Measured in 8 bits (a 16-bit PNG's high byte, what an 8-bit decode of the file keeps) on a
+    copy shrunk to at most `max_side` pixels a side.
+    """
+    if pixels.ndim != 3:
+        return 0.0
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    scale = max_side / max(pixels.shape[:2])
+    if scale < 1:
+        pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    pixels = pixels.astype(np.float32)
+    return float((pixels.max(axis=2) - pixels.min(axis=2)).mean() / 255.0)
+
+
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    """The decoded pixels as one float32 grayscale channel (colour converted, alpha gone)."""
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+    return pixels.astype(np.float32, copy=False)
+
+
+def _decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
+    """The file's pixels as decoded: 2-D grey, or BGR (alpha dropped); 8 or 16 bits, or DICOM's
+    float32 grey. Every check of `decode_image` happens here."""
     if not data:
         raise ImageError("empty_file", "The file is empty.")
     fmt = sniff_format(data)
@@ -186,7 +237,5 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         ) from exc
     if image is None or image.size == 0:
         raise ImageError("corrupt_image", "The image could not be decoded; it may be damaged.")
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    return image.astype(np.float32)
+    return image
 

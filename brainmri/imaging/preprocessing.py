@@ -14,18 +14,21 @@ import cv2
 import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS
+from .decode import decode_file
 from .decode import decode_image
 
 __all__ = [
     "PREPROCESSING",
     "PREPROCESSING_VERSION",
     "HeadCrop",
+    "Scan",
     "apply_head_crop",
     "crop_to_head",
     "locate_head",
     "resize_mask",
     "load_scan",
     "preprocess",
+    "read_scan",
     "strip_frame",
     "to_uint8",
 ]
@@ -215,3 +218,21 @@ def load_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
         ImageError: the bytes are not a usable image.
     """
     return preprocess(decode_image(data, max_pixels=max_pixels), size)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """An upload decoded once: the network's input, and the colour of the file's own pixels."""
+
+    model_input: np.ndarray  # (size, size, 1) float32 in [0, 1], as `load_scan` returns it
+    colourfulness: float  # `decode.colourfulness`, for the guard; 0 for grey files and DICOM
+
+
+def read_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
+    """`load_scan`, with the colour measured on the same decode (the guard's colour check).
+
+    Raises:
+        ImageError: the bytes are not a usable image.
+    """
+    decoded = decode_file(data, max_pixels=max_pixels)
+    return Scan(preprocess(decoded.grey, size), decoded.colourfulness)

@@ -17,6 +17,7 @@ from .guarded import REFUSAL_CODES
 from .guarded import Outcome
 from .guarded import classify_many
 from .guarded import classify_one
+from .guarded import classify_prepared
 from .guarded import csv_row
 from .guarded import uncertain_threshold
 from .modelcard import CLASSES
@@ -61,6 +62,7 @@ __all__ = [
     "calibration",
     "classify_many",
     "classify_one",
+    "classify_prepared",
     "csv_row",
     "default_model_path",
     "discover_models",

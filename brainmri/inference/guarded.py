@@ -1,10 +1,11 @@
 """File bytes to a guarded, calibrated, "uncertain"-flagged prediction or a refusal, in batches.
 
 The one path the result page, the JSON API (single and batch) and `brainmri predict` all take,
-so a file gets the same answer wherever it is sent: decode and preprocess each file
-(`Predictor.prepare`), one forward pass for every file that decoded, the out-of-distribution
-guard on each (`Predictor.predict_checked_batch`), temperature calibration, and the "uncertain"
-flag against the model's fitted threshold. No Flask: uploads.py wraps it for requests (model
+so a file gets the same answer wherever it is sent: decode and preprocess each file once
+(`Predictor.prepare_scan`: the network's input and the colour the guard checks), one forward
+pass for every file that decoded, the out-of-distribution guard on each
+(`Predictor.predict_checked_batch`), temperature calibration, and the "uncertain" flag against
+the model's fitted threshold. No Flask: uploads.py wraps it for requests (model
 choice, config default, logging) and cli.py for folders of files.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..imaging import ImageError
+from ..imaging import Scan
 from .modelcard import CLASSES
 from .predictor import Prediction
 
@@ -27,6 +29,7 @@ __all__ = [
     "Outcome",
     "classify_many",
     "classify_one",
+    "classify_prepared",
     "csv_row",
     "uncertain_threshold",
 ]
@@ -71,51 +74,61 @@ def uncertain_threshold(predictor, default: float) -> float:
 
 
 def classify_many(predictor, files: Sequence[bytes], uncertain_below: float, guard: bool = True,
-                  isolate: bool = False,
-                  prepared: Sequence[np.ndarray | Exception] | None = None) -> list[Outcome]:
+                  isolate: bool = False) -> list[Outcome]:
     """Classify several files' bytes with one forward pass; one outcome per file, in order.
 
     Args:
-        predictor: a `Predictor` (or anything with `prepare` and `predict_checked_batch`).
+        predictor: a `Predictor` (or anything with `prepare_scan` and `predict_checked_batch`).
         files: each file's bytes.
         uncertain_below: top-class probabilities below this are flagged "uncertain".
         guard: False turns the out-of-distribution guard off (research use); a DICOM header
             naming another modality is still refused, since that is read, not estimated.
         isolate: also turn unexpected exceptions from decoding into that file's error, so a
             batch tool goes on with the other files (the web side lets them become a 500).
-        prepared: each file's `predictor.prepare` result, or the exception it raised, when
-            that ran elsewhere (raybatch.py's Ray tasks); None prepares here. Either way the
-            outcome is decided below, so both give the same answers.
     """
-    outcomes: list[Outcome | None] = [None] * len(files)
-    ready: list[int] = []
-    images: list[np.ndarray] = []
-    for index, data in enumerate(files):
+    prepared: list[Scan | Exception] = []
+    for data in files:
         try:
-            if prepared is None:
-                image = predictor.prepare(data)
-            elif isinstance(prepared[index], Exception):
-                raise prepared[index]
-            else:
-                image = prepared[index]
-            images.append(image)
+            prepared.append(predictor.prepare_scan(data))  # the file's one decode
         except ImageError as error:
-            outcomes[index] = Outcome(error=error)
-            continue
+            prepared.append(error)
         except Exception as error:
             if not isolate:
                 raise
-            outcomes[index] = Outcome(error=error)
+            prepared.append(error)
+    return classify_prepared(predictor, prepared, uncertain_below, guard=guard, isolate=isolate)
+
+
+def classify_prepared(predictor, prepared: Sequence[Scan | Exception], uncertain_below: float,
+                      guard: bool = True, isolate: bool = False) -> list[Outcome]:
+    """`classify_many` for files prepared elsewhere (raybatch.py's Ray tasks).
+
+    Args:
+        prepared: each file's `predictor.prepare_scan` result, or the exception it raised. The
+            outcome is decided here either way, so both paths give the same answers.
+        uncertain_below, guard, isolate: as for `classify_many`; without `isolate` an
+            unexpected (not ImageError) exception is raised again.
+    """
+    outcomes: list[Outcome | None] = [None] * len(prepared)
+    ready: list[int] = []
+    scans: list[Scan] = []
+    for index, item in enumerate(prepared):
+        if isinstance(item, Exception):
+            if not (isolate or isinstance(item, ImageError)):
+                raise item
+            outcomes[index] = Outcome(error=item)
             continue
         ready.append(index)
-    results = (predictor.predict_checked_batch(images, [files[i] for i in ready], guard=guard)
-               if images else [])
-    for index, image, result in zip(ready, images, results):
+        scans.append(item)
+    results = (predictor.predict_checked_batch([scan.model_input for scan in scans],
+                                               [scan.colourfulness for scan in scans], guard=guard)
+               if scans else [])
+    for index, scan, result in zip(ready, scans, results):
         if isinstance(result, Prediction):
             flagged = replace(result, uncertain=result.confidence < uncertain_below)
-            outcomes[index] = Outcome(prediction=flagged, model_input=image)
+            outcomes[index] = Outcome(prediction=flagged, model_input=scan.model_input)
         else:  # the guard's NotBrainMRI refusal
-            outcomes[index] = Outcome(model_input=image, error=result)
+            outcomes[index] = Outcome(model_input=scan.model_input, error=result)
     return outcomes
 
 

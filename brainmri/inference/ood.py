@@ -31,7 +31,6 @@ import cv2
 import numpy as np
 
 from ..imaging import ImageError
-from ..imaging import sniff_format
 
 __all__ = [
     "EXPOSURE_INPUTS",
@@ -40,7 +39,6 @@ __all__ = [
     "NotBrainMRI",
     "OODGuard",
     "Verdict",
-    "colourfulness",
     "choose_margin",
     "descriptor",
     "fit_exposure",
@@ -94,25 +92,9 @@ class Verdict:
     scores: dict[str, float]
 
 
-def colourfulness(data: bytes | None, max_side: int = 256) -> float:
-    """Mean chroma (max minus min channel, 0..1) of a PNG/JPEG; 0 for grey files and DICOM."""
-    if not data or sniff_format(data) not in ("png", "jpeg"):
-        return 0.0
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        return 0.0
-    if image is None or image.ndim != 3:
-        return 0.0
-    scale = max_side / max(image.shape[:2])
-    if scale < 1:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    image = image.astype(np.float32)
-    return float((image.max(axis=2) - image.min(axis=2)).mean() / 255.0)
-
-
-def image_features(model_input: np.ndarray, data: bytes | None = None) -> dict[str, float]:
-    """Cheap measurements of one preprocessed input (size, size, 1) in [0, 1] (and its bytes)."""
+def image_features(model_input: np.ndarray, colourfulness: float | None = None) -> dict[str, float]:
+    """Cheap measurements of one preprocessed input (size, size, 1) in [0, 1], with the colour
+    of its file (`imaging.read_scan` measures it on the one decode; None: grey)."""
     x = np.asarray(model_input, np.float32).reshape(model_input.shape[0], model_input.shape[1])
     side = x.shape[0]
     ring = max(1, side // 12)
@@ -126,7 +108,7 @@ def image_features(model_input: np.ndarray, data: bytes | None = None) -> dict[s
     # a blank image has none at all.
     texture = float(np.abs(cv2.Laplacian(x, cv2.CV_32F, ksize=3)).mean())
     return {
-        "colourfulness": colourfulness(data),
+        "colourfulness": float(colourfulness or 0.0),
         "border_brightness": float(border.mean()),
         "dark_fraction": float((x < 0.1).mean()),
         "head_fraction": float(head),
@@ -313,10 +295,11 @@ class OODGuard:
                 reasons.append(name)
         return Verdict(bool(reasons), tuple(reasons), {k: float(v) for k, v in features.items()})
 
-    def assess(self, model_input: np.ndarray, data: bytes | None,
+    def assess(self, model_input: np.ndarray, colourfulness: float | None,
                embedding: np.ndarray | None) -> Verdict:
-        """Measure one input (with the network's pooled features, when known) and check it."""
-        features = image_features(model_input, data)
+        """Measure one input (with its file's colour and the network's pooled features, when
+        known) and check it."""
+        features = image_features(model_input, colourfulness)
         if embedding is not None and len(self.centroids):
             uses = (self.exposure is not None and self.exposure.uses_descriptor
                     or self.appearance is not None)

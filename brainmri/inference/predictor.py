@@ -19,7 +19,9 @@ import numpy as np
 
 from .calibration import apply_temperature
 from ..imaging import DEFAULT_MAX_PIXELS
+from ..imaging import Scan
 from ..imaging import load_scan
+from ..imaging import read_scan
 from .ood import NotBrainMRI
 from .ood import OODGuard
 from .modelcard import CLASSES
@@ -230,29 +232,30 @@ class Predictor:
         """Classify one preprocessed slice of shape (size, size, 1) scaled to [0, 1] (calibrated)."""
         return self._to_prediction(self.predict_arrays(image[None, ...])[0])
 
-    def predict_checked(self, image: np.ndarray, data: bytes | None = None) -> Prediction:
+    def predict_checked(self, image: np.ndarray, colourfulness: float | None = None) -> Prediction:
         """Refuse inputs that are not brain MRI slices, else classify (calibrated), in one pass.
 
         Args:
             image: the preprocessed slice, (size, size, 1) in [0, 1].
-            data: the uploaded bytes, for the colour check (None skips it).
+            colourfulness: the file's colour (`prepare_scan`), for the colour check (None: grey).
 
         Raises:
             NotBrainMRI: the fitted guard refuses the input (no class is given).
         """
-        result = self.predict_checked_batch([image], [data])[0]
+        result = self.predict_checked_batch([image], [colourfulness])[0]
         if isinstance(result, NotBrainMRI):
             raise result
         return result
 
     def predict_checked_batch(self, images: Sequence[np.ndarray],
-                              data: Sequence[bytes | None] | None = None,
+                              colourfulness: Sequence[float | None] | None = None,
                               guard: bool = True) -> list[Prediction | NotBrainMRI]:
         """Screen and classify (calibrated) several preprocessed slices in one forward pass.
 
         Args:
             images: preprocessed slices, each (size, size, 1) in [0, 1].
-            data: each slice's file bytes, for the colour check (None skips it).
+            colourfulness: each slice's file colour (`prepare_scan`), for the colour check
+                (None: grey).
             guard: False skips the out-of-distribution guard (research use).
 
         Returns:
@@ -261,14 +264,14 @@ class Predictor:
         """
         if len(images) == 0:
             return []
-        raw = list(data) if data is not None else [None] * len(images)
+        colours = list(colourfulness) if colourfulness is not None else [None] * len(images)
         probs, features = self.forward(np.stack(images))
         screen = self.guard if guard else None
         results: list[Prediction | NotBrainMRI] = []
         for i, image in enumerate(images):
             if screen is not None:
                 embedding = None if features is None else features[i : i + 1]
-                verdict = screen.assess(image, raw[i], embedding)
+                verdict = screen.assess(image, colours[i], embedding)
                 if verdict.refused:
                     results.append(NotBrainMRI(verdict))
                     continue
@@ -317,6 +320,10 @@ class Predictor:
     def prepare(self, data: bytes) -> np.ndarray:
         """Run the shared preprocessing for this model's input size."""
         return load_scan(data, self.input_size, max_pixels=self.max_pixels)
+
+    def prepare_scan(self, data: bytes) -> Scan:
+        """`prepare`, with the file's colour from the same decode, for `predict_checked_batch`."""
+        return read_scan(data, self.input_size, max_pixels=self.max_pixels)
 
     def predict_bytes(self, data: bytes) -> Prediction:
         """Decode, preprocess and classify raw image bytes.

@@ -2,11 +2,12 @@
 
 The pipeline has the plain engine's chunks (``--batch-size`` files, in order) as rows:
 
-1. Ray tasks read each chunk's files and preprocess them (`imaging.load_scan`, the served
-   preprocessing). They ask for half a CPU: preprocessing is partly file I/O, and a resource
-   request unlike the model's keeps Ray from fusing the tasks into the model's actors.
+1. Ray tasks read each chunk's files and preprocess them (`imaging.read_scan`, the served
+   preprocessing, with the colour the guard checks from the same decode). They ask for half
+   a CPU: preprocessing is partly file I/O, and a resource request unlike the model's keeps
+   Ray from fusing the tasks into the model's actors.
 2. A pool of actors, each holding the guarded predictor (loaded once per actor), classifies
-   each chunk with `inference.classify_many`, given the tasks' arrays, exactly as the plain
+   each chunk with `guarded.classify_prepared`, given the tasks' arrays, exactly as the plain
    engine does in one process: same chunks, one forward pass each, the same guard,
    calibration and "uncertain" threshold, so the same answers, and the CSV row is built by
    the same function. The actors run TensorFlow with the thread count the plain engine would
@@ -84,29 +85,29 @@ def _decode_error(text: str) -> tuple[str, Exception]:
 
 
 def prepare_chunk(row: dict[str, Any], size: int, max_pixels: int) -> dict[str, Any]:
-    """Ray task: read and preprocess one chunk's files; errors become that file's error text."""
-    from ..imaging import load_scan
+    """Ray task: read and preprocess one chunk's files (one decode each: the network's input
+    and the colour the guard checks); errors become that file's error text."""
+    from ..imaging import read_scan
 
     paths = [str(path) for path in row["paths"]]
-    data: list[bytes] = []
     images = np.zeros((len(paths), size, size, 1), np.float32)
+    colours = np.zeros(len(paths), np.float64)
     errors: list[str] = []
     for index, path in enumerate(paths):
         try:
             payload = Path(path).read_bytes()
         except OSError as exc:  # one unreadable file never ends the run
-            data.append(b"")
             errors.append(_encode_error("read", exc))
             continue
-        data.append(payload)
         try:
-            images[index] = load_scan(payload, size, max_pixels=max_pixels)
+            scan = read_scan(payload, size, max_pixels=max_pixels)
         except Exception as exc:  # the plain engine isolates every decoding failure too
             errors.append(_encode_error("prepare", exc))
             continue
+        images[index], colours[index] = scan.model_input, scan.colourfulness
         errors.append("")
-    return {"chunk": row["chunk"], "paths": paths, "data": np.array(data, dtype=object),
-            "images": images, "errors": errors}
+    return {"chunk": row["chunk"], "paths": paths, "images": images, "colourfulness": colours,
+            "errors": errors}
 
 
 class Scorer:
@@ -131,14 +132,15 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score every chunk of the batch (one, with batch_size=1); rows as JSON text."""
+        from ..imaging import Scan
         from . import guarded
 
         results = []
-        for paths, data, images, errors in zip(batch["paths"], batch["data"], batch["images"],
-                                               batch["errors"]):
+        for paths, images, colours, errors in zip(batch["paths"], batch["images"],
+                                                  batch["colourfulness"], batch["errors"]):
             outcomes: dict[int, Outcome] = {}
             read: list[int] = []
-            prepared: list[np.ndarray | Exception] = []
+            prepared: list[Scan | Exception] = []
             for index, text in enumerate(errors):
                 if text:
                     stage, error = _decode_error(str(text))
@@ -147,11 +149,10 @@ class Scorer:
                         continue
                     prepared.append(error)
                 else:
-                    prepared.append(images[index])
+                    prepared.append(Scan(images[index], float(colours[index])))
                 read.append(index)
-            classified = guarded.classify_many(
-                self.predictor, [bytes(data[i]) for i in read], self.uncertain_below,
-                guard=self.guard, isolate=True, prepared=prepared)
+            classified = guarded.classify_prepared(
+                self.predictor, prepared, self.uncertain_below, guard=self.guard, isolate=True)
             outcomes.update(zip(read, classified))
             rows = []
             for index, path in enumerate(paths):

@@ -26,6 +26,7 @@ from . import ood_sets
 from .dataset import CachedDataset
 from .dataset import load_datasets
 from ..imaging import ImageError
+from ..imaging import decode_file
 from ..inference import CLASSES
 from ..inference import metadata_path_for
 
@@ -42,8 +43,11 @@ def _canonical(predictor, probs: np.ndarray) -> np.ndarray:
     return probs[:, [predictor.labels.index(name) for name in CLASSES]]
 
 
-def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch: int = 128):
-    """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors."""
+def measure_images(predictor, images: np.ndarray, colours: list[float | None], batch: int = 128):
+    """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors.
+
+    `colours` holds each image's file colour (`imaging.read_scan`; None: not measured, grey).
+    """
     probs, embeddings = [], []
     for start in range(0, len(images), batch):
         p, e = predictor.forward(images[start : start + batch])
@@ -51,7 +55,7 @@ def measure_images(predictor, images: np.ndarray, raw: list[bytes | None], batch
         embeddings.append(e)
     probs_all = _canonical(predictor, np.concatenate(probs)) if probs else np.zeros((0, len(CLASSES)))
     emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
-    cheap = [ood.image_features(image, data) for image, data in zip(images, raw)]
+    cheap = [ood.image_features(image, colour) for image, colour in zip(images, colours)]
     features = {name: np.array([row[name] for row in cheap]) for name in (cheap[0] if cheap else {})}
     descriptors = np.array([ood.descriptor(image) for image in images])
     return probs_all, emb_all, features, descriptors
@@ -70,8 +74,9 @@ def _split_indices(data: CachedDataset, manifest: dict) -> dict[str, np.ndarray]
             for name, paths in manifest_splits(manifest).items()}
 
 
-def _read(data: CachedDataset, indices: np.ndarray) -> list[bytes]:
-    return [data.file(i).read_bytes() for i in indices]
+def _colours(data: CachedDataset, indices: np.ndarray) -> list[float]:
+    """The files' colour, measured as an upload's decode does (the cache holds grey inputs)."""
+    return [decode_file(data.file(i).read_bytes()).colourfulness for i in indices]
 
 
 @dataclass
@@ -99,20 +104,21 @@ class _Measured:
 
 def _measure_files(predictor, items: list[tuple[str, str, bytes]]) -> _Measured:
     """Prepare (the upload path) and measure (category, source, bytes) items."""
-    inputs, raw, categories, sources = [], [], [], []
+    inputs, colours, categories, sources = [], [], [], []
     unreadable: Counter = Counter()
     for category, source, data in items:
         try:
-            inputs.append(predictor.prepare(data))
+            scan = predictor.prepare_scan(data)
         except ImageError:
             unreadable[category] += 1
             continue
-        raw.append(data)
+        inputs.append(scan.model_input)
+        colours.append(scan.colourfulness)
         categories.append(category)
         sources.append(source)
     size = predictor.input_size
     images = np.stack(inputs) if inputs else np.zeros((0, size, size, 1), np.float32)
-    _, emb, features, descriptors = measure_images(predictor, images, raw)
+    _, emb, features, descriptors = measure_images(predictor, images, colours)
     return _Measured(emb, features, descriptors, np.array(categories), np.array(sources),
                      dict(unreadable))
 
@@ -237,7 +243,7 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     val, train = splits["val"], splits["train"]
 
     val_probs, val_emb, val_features, val_desc = measure_images(
-        predictor, data.images[val], _read(data, val))
+        predictor, data.images[val], _colours(data, val))
     # The centroids use every training slice; the head an even draw of them.
     _, train_emb, train_features, train_desc = measure_images(
         predictor, data.images[train], [None] * len(train))
@@ -333,7 +339,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         if not len(indices):
             continue
         probs, emb, features, descriptors = measure_images(predictor, data.images[indices],
-                                                           _read(data, indices))
+                                                           _colours(data, indices))
         calibrated = calibration.apply_temperature(probs, predictor.temperature)
         correct = calibrated.argmax(1) == y[indices]
         entry = {
@@ -369,7 +375,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         if len(blank):
             # Should be refused: a blank frame has no head to classify.
             _, emb, features, descriptors = measure_images(predictor, data.images[blank],
-                                                           _read(data, blank))
+                                                           _colours(data, blank))
             report["no_head_in_view"] = _tally(_verdicts(
                 guard, {"emb": emb, "features": features, "descriptors": descriptors}))
         # DICOM copies of every held-out test slice: the same pixels through the DICOM decoder.
@@ -394,13 +400,15 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             "unreadable": 0, "reasons": Counter(), "_correct": []})
         entry["images"] += 1
         try:
-            model_input = predictor.prepare(image.data)
+            scan = predictor.prepare_scan(image.data)
         except ImageError:
             entry["unreadable"] += 1  # refused before the guard: the upload is not a usable image
             entry["refused"] += 1
             continue
+        model_input = scan.model_input
         probs, emb = predictor.forward(model_input[None, ...])
-        verdict = guard.assess(model_input, image.data, emb)  # the served check, as an upload
+        # The served check, as an upload.
+        verdict = guard.assess(model_input, scan.colourfulness, emb)
         entry["refused"] += int(verdict.refused)
         entry["reasons"].update(verdict.reasons)
         if not verdict.refused and image.label is not None:

@@ -9,10 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
+from brainmri.imaging import ImageError
+from brainmri.imaging import read_scan
+from brainmri.inference import CLASSES
+from brainmri.inference import ModelCard
+from brainmri.inference import Predictor
 from brainmri.inference import calibration
+from brainmri.inference import classify_many
 from brainmri.inference import ood
 from brainmri.training import ood_sets
-from brainmri.imaging import load_scan
 
 from conftest import encode
 from conftest import synthetic_slice
@@ -50,14 +55,14 @@ def test_uncertain_threshold_reaches_the_target_accuracy():
     assert chosen["accuracy_confident"] >= 0.95
 
 
-def _mri_like(seed: int) -> np.ndarray:
-    """A model input that looks like a head: a textured ellipse on black."""
-    return load_scan(encode(synthetic_slice(160, seed)), 64)
+def _mri_like(seed: int):
+    """A decoded upload that looks like a head: a textured ellipse on black."""
+    return read_scan(encode(synthetic_slice(160, seed)), 64)
 
 
 def _fitted_guard() -> ood.OODGuard:
-    inputs = [_mri_like(seed) for seed in range(40)]
-    features = [ood.image_features(x, encode(synthetic_slice(160, seed))) for seed, x in enumerate(inputs)]
+    scans = [_mri_like(seed) for seed in range(40)]
+    features = [ood.image_features(scan.model_input, scan.colourfulness) for scan in scans]
     table = {name: np.array([f[name] for f in features]) for name in features[0]}
     rng = np.random.default_rng(0)
     train = rng.normal(size=(80, 6))
@@ -70,15 +75,16 @@ def test_guard_fitted_on_slices_refuses_every_synthetic_category(category):
     images = [image for image in ood_sets.synthetic_images() if image.category == category]
     assert images
     for image in images:
-        verdict = guard.assess(load_scan(image.data, 64), image.data, None)
+        scan = read_scan(image.data, 64)
+        verdict = guard.assess(scan.model_input, scan.colourfulness, None)
         assert verdict.refused, (image.name, verdict.scores)
 
 
 def test_guard_passes_new_slices_and_round_trips_through_metadata():
     guard = ood.OODGuard.from_metadata(_fitted_guard().to_metadata())
     for seed in range(100, 110):
-        data = encode(synthetic_slice(160, seed))
-        assert not guard.assess(load_scan(data, 64), data, None).refused
+        scan = read_scan(encode(synthetic_slice(160, seed)), 64)
+        assert not guard.assess(scan.model_input, scan.colourfulness, None).refused
 
 
 def _exposure_rows(seeds, embed, alter=None):
@@ -87,8 +93,9 @@ def _exposure_rows(seeds, embed, alter=None):
     for seed in seeds:
         grey = synthetic_slice(160, seed)
         data = encode(alter(grey) if alter else grey)
-        x = load_scan(data, 64)
-        inputs.append(ood.image_features(x, data))
+        scan = read_scan(data, 64)
+        x = scan.model_input
+        inputs.append(ood.image_features(x, scan.colourfulness))
         embeddings.append(embed(x))
     table = {name: np.array([f[name] for f in inputs]) for name in inputs[0]}
     return np.stack(embeddings), table
@@ -104,8 +111,9 @@ def test_exposure_head_learns_whole_slices_from_patches_and_inversions():
     new slices high and new patches/inversions low, and the guard refuses on that score."""
     pos_emb, pos_feat = _exposure_rows(range(60), _embed)
     negatives = list(ood_sets.exposure_negatives([synthetic_slice(160, s) for s in range(60)]))
-    neg_inputs = [load_scan(png, 64) for png in negatives]
-    neg_feat = [ood.image_features(x, png) for x, png in zip(neg_inputs, negatives)]
+    neg_scans = [read_scan(png, 64) for png in negatives]
+    neg_inputs = [scan.model_input for scan in neg_scans]
+    neg_feat = [ood.image_features(scan.model_input, scan.colourfulness) for scan in neg_scans]
     neg_table = {name: np.array([f[name] for f in neg_feat]) for name in neg_feat[0]}
     neg_emb = np.stack([_embed(x) for x in neg_inputs])
     head = ood.fit_exposure(ood.Exposure.inputs(pos_emb, pos_feat), ood.Exposure.inputs(neg_emb, neg_table))
@@ -146,8 +154,30 @@ def test_exposure_negatives_are_patches_and_inversions():
 def test_colour_is_measured_on_the_upload_not_the_grey_input():
     grey = encode(cv2.cvtColor(synthetic_slice(), cv2.COLOR_GRAY2BGR), ".jpg")
     colour = encode(cv2.applyColorMap(synthetic_slice(), cv2.COLORMAP_JET), ".jpg")
-    assert ood.colourfulness(grey) < 0.02 < ood.colourfulness(colour)
-    assert ood.colourfulness(b"\x00" * 200) == 0.0
+    assert read_scan(grey, 64).colourfulness < 0.02 < read_scan(colour, 64).colourfulness
+    # The grey model input has no colour left to see; the measure is the file's own pixels'.
+    assert ood.image_features(read_scan(colour, 64).model_input)["colourfulness"] == 0.0
+    # Bytes that do not decode are refused before any guard, so there is no colour to measure.
+    with pytest.raises(ImageError):
+        read_scan(b"\x00" * 200, 64)
+
+
+def test_an_upload_is_decoded_once_and_the_guard_checks_that_decode(monkeypatch, tmp_path):
+    """classify_many (page, API, CLI): one cv2.imdecode per file; the colour check reads it."""
+    card = ModelCard(tmp_path / "m.h5", "m", "1", CLASSES, 64, 1, "0" * 64,
+                     {"ood": _fitted_guard().to_metadata()})
+    predictor = Predictor(card)  # real guard and calibration; the forward pass is faked
+    monkeypatch.setattr(predictor, "forward", lambda batch: (
+        np.full((len(batch), len(CLASSES)), 0.25), np.zeros((len(batch), 6))))
+    decodes = []
+    imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: decodes.append(1) or imdecode(*a, **k))
+    grey = encode(synthetic_slice(160, 100))
+    colour = encode(cv2.applyColorMap(synthetic_slice(160, 101), cv2.COLORMAP_JET), ".jpg")
+    passed, refused = classify_many(predictor, [grey, colour], 0.6)
+    assert len(decodes) == 2
+    assert passed.prediction is not None
+    assert refused.refused and "colourfulness" in refused.error.verdict.reasons
 
 
 def test_api_refuses_what_the_guard_refuses(client, predictor, png_bytes):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from brainmri.config import DEFAULTS
 from brainmri.inference import CLASSES
 from brainmri.inference import write_model_card
 
@@ -16,6 +18,8 @@ pytestmark = [
 ]
 
 SIZE = 32
+# The shipped CNN (the one tests/training/test_shipped_model.py checks).
+MODEL = Path(DEFAULTS["BRAINMRI_MODEL_DIR"]) / "brainmri_cnn.h5"
 
 
 def _blob_images(count: int, rng: np.random.Generator):
@@ -98,7 +102,6 @@ def test_served_probabilities_are_calibrated_and_sum_to_one(blob_model, tmp_path
 
 @pytest.mark.realdata
 def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
-    from test_shipped_model import MODEL
     from conftest import require_real_data
 
     from brainmri.training import ood_sets
@@ -112,9 +115,10 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
     predictor.load()
     for category in ood_sets.SYNTHETIC_CATEGORIES:
         for image in (i for i in ood_sets.synthetic_images() if i.category == category):
-            model_input = predictor.prepare(image.data)
-            _, embedding = predictor.forward(model_input[None])
-            assert predictor.guard.assess(model_input, image.data, embedding).refused, image.name
+            scan = predictor.prepare_scan(image.data)
+            _, embedding = predictor.forward(scan.model_input[None])
+            assert predictor.guard.assess(scan.model_input, scan.colourfulness,
+                                          embedding).refused, image.name
     from brainmri.training.splits import manifest_splits
 
     data = load_dataset(root, predictor.input_size)
@@ -123,7 +127,7 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
     test = np.array([index[p] for p in manifest["test"] if p in index])
     assert len(test) > 300  # the SARTAJ part of the held-out test split
     _, embeddings, features, _ = trust.measure_images(predictor, data.images[test],
-                                                      trust._read(data, test))
+                                                      trust._colours(data, test))
     features["feature_distance"] = predictor.guard.distance(embeddings)
     refused = [predictor.guard.check({k: v[i] for k, v in features.items()}).refused for i in range(len(test))]
     assert np.mean(refused) <= 0.02
