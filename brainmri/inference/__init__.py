@@ -2,8 +2,8 @@
 
 Imports only `imaging` below it; no Flask. TensorFlow is imported when a model loads, never at
 import time. `classify_many`/`classify_one` (guarded.py) are the path the page, the API and
-`brainmri predict` all take. `export` and `raybatch` (the optional extras) are imported by name
-(``from brainmri.inference import export``), not here.
+`brainmri predict` all take. `export` and `raybatch` (the optional extras, listed in __all__)
+are not imported here but on first use (``from brainmri.inference import export``).
 """
 
 from . import calibration
@@ -67,6 +67,7 @@ __all__ = [
     "default_model_path",
     "discover_models",
     "explain",
+    "export",
     "file_sha256",
     "heatmap_png",
     "held_out_score",
@@ -75,6 +76,7 @@ __all__ = [
     "metadata_path_for",
     "ood",
     "overlay_data_uri",
+    "raybatch",
     "read_model_card",
     "uncertain_threshold",
     "write_model_card",
