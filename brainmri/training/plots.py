@@ -115,7 +115,8 @@ def _history(plt, path: Path, history: dict) -> None:
             ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
         ax.set_xlabel("epoch")
         ax.set_title(key)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a history without this key has no curve to name
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

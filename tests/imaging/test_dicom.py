@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,8 +115,8 @@ def test_pydicom_example_mr_and_its_rle_copy_agree():
     """pydicom's bundled MR slice decodes; the RLE-compressed copy (built-in decoder) matches."""
     from pydicom.data import get_testdata_file
 
-    plain = decode_image(open(get_testdata_file("MR_small.dcm"), "rb").read())
-    rle = decode_image(open(get_testdata_file("MR_small_RLE.dcm"), "rb").read())
+    plain = decode_image(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    rle = decode_image(Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes())
     assert plain.shape == (64, 64)
     np.testing.assert_array_equal(plain, rle)
 
@@ -147,7 +148,7 @@ def test_bundled_jpeg_ls_file_is_415(client):
     """A real compressed file for which no decoder is installed answers 415."""
     from pydicom.data import get_testdata_file
 
-    data = open(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), "rb").read()
+    data = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes()
     response = post_api(client, data)
     assert response.status_code == 415
     assert response.get_json()["error"]["code"] == "unsupported_type"
@@ -158,7 +159,7 @@ def test_non_image_object_is_refused():
     from pydicom.data import get_testdata_file
 
     with pytest.raises(ImageError) as caught:
-        decode_image(open(get_testdata_file("rtplan.dcm"), "rb").read())
+        decode_image(Path(get_testdata_file("rtplan.dcm")).read_bytes())
     assert caught.value.code == "not_an_image"
     assert "holds no image" in caught.value.message
 
@@ -237,7 +238,8 @@ def test_cli_predict_folder_with_dicom(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "Skipped 1 file that is not PNG, JPEG or DICOM: 1 .txt" in result.output
     assert "2 classified (0 uncertain), 1 refused, 3 unreadable, 1 skipped" in result.output
-    rows = {row["path"]: row for row in csv.DictReader(out.open())}
+    with out.open(newline="", encoding="utf-8") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
     assert len(rows) == 6
     ct = rows[str(folder / "ct.dcm")]
     assert ct["refused"] == "true" and ct["label"] == "" and ct["error"] == ""
@@ -292,7 +294,7 @@ def test_ct_message_and_pydicoms_own_ct_slice():
     """The wording for CT, on a synthetic file and on pydicom's bundled CT slice."""
     from pydicom.data import get_testdata_file
 
-    bundled = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    bundled = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     for data in (dicom_bytes(ramp(), Modality="CT"), bundled):
         with pytest.raises(ImageError) as caught:
             load_scan(data, 32)

@@ -117,7 +117,8 @@ def test_predict_writes_csv_with_error_rows(trained, synthetic_data, tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(folder), str(single), "--csv", str(out_csv),
                                       "--model", str(model_path)])
     assert result.exit_code == 0, result.output
-    rows = list(csv.reader(out_csv.open()))
+    with out_csv.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
     assert rows[0][:7] == ["path", "label", "confidence", "glioma", "meningioma", "no_tumor",
                            "pituitary"]
     by_path = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
