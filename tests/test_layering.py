@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +222,18 @@ def test_each_face_says_what_it_is_and_exports_what_it_lists(room):
     for name in face.__all__:  # a name, or a submodule imported on first use
         assert hasattr(face, name) or importlib.import_module(f"brainmri.{room}.{name}")
 
+
+def test_module_paths_named_in_the_shipped_metadata_still_resolve():
+    """model/*.json names its preprocessing function by dotted path; it must stay importable."""
+    from brainmri.imaging import load_scan
+
+    metadata = sorted((PROJECT_ROOT / "model").glob("*.json"))
+    named = {json.loads(path.read_text())["preprocessing"]["function"] for path in metadata
+             if not path.name.endswith((".history.json", ".splits.json"))}
+    assert named == {"brainmri.imaging.load_scan"}
+    for dotted in named:
+        module, _, attribute = dotted.rpartition(".")
+        assert getattr(importlib.import_module(module), attribute) is load_scan
 
 def test_the_checks_find_what_they_look_for(tmp_path):
     """A package that breaks every rule once: each check reports it."""

@@ -191,13 +191,13 @@ def _metadata(card, fmt: str, out: Path, max_abs_diff: float | None,
                    "meaning": "softmax of the model, before temperature scaling"},
         "preprocessing": dict(PREPROCESSING),  # "version": PREPROCESSING_VERSION, and the steps
         "calibration": {
-            # p = softmax(log(probabilities) / temperature), as brainmri.calibration does.
+            # p = softmax(log(probabilities) / temperature), as brainmri.inference.calibration does.
             "temperature": float(calibration.get("temperature", 1.0)),
             "fitted": "temperature" in calibration,
             "uncertain_below": calibration.get("uncertain_below"),
         },
         "not_in_graph": ["preprocessing (brainmri.imaging.load_scan)", "temperature scaling",
-                         "out-of-distribution guard (brainmri.ood)", "uncertain flag"],
+                         "out-of-distribution guard (brainmri.inference.ood)", "uncertain flag"],
         "check": {"inputs": _CHECK_INPUTS, "max_abs_diff_vs_keras": max_abs_diff,
                   "tolerance": TOLERANCE},
         **({"opset": opset} if opset is not None else {}),

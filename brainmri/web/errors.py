@@ -24,7 +24,8 @@ from ..inference import ModelError
 
 __all__ = ["IMAGE_ERROR_STATUS", "UploadError", "init_app", "respond", "size_limit_text"]
 
-log = logging.getLogger(__name__)
+# The name it had before the web/ package, so log configuration that names it still works.
+log = logging.getLogger("brainmri.errors")
 
 # ImageError.code -> HTTP status.
 IMAGE_ERROR_STATUS = {

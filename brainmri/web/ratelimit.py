@@ -86,7 +86,8 @@ __all__ = [
     "trust_proxies",
 ]
 
-log = logging.getLogger(__name__)
+# The name it had before the web/ package, so log configuration that names it still works.
+log = logging.getLogger("brainmri.ratelimit")
 
 # app.extensions keys: the bucket store the limits are counted in (RateLimiter or RedisBuckets),
 # and the Flask-Limiter extension that applies them.
