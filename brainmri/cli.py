@@ -390,7 +390,7 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
                     address: str | None = None) -> None:
     """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV, screened like an upload.
 
-    Each file takes the page's and the API's path (inference.py): refusals get refused=true
+    Each file takes the page's and the API's path (inference/guarded.py): refusals get refused=true
     and the reason but no class, weak answers uncertain=true, and unusable files an error.
     """
     from . import inference
@@ -536,7 +536,7 @@ def export_command(model_path: Path | None, fmt: str, out: Path, opset: int) -> 
 
 def _predict_with_ray(files: list[Path], model: Path, csv_path: Path, batch_size: int,
                       threshold: float, guard: bool, address: str | None) -> Counter[str]:
-    """The Ray engine (raybatch.py): the same chunks and rows, scored by Ray tasks and actors."""
+    """The Ray engine (inference/raybatch.py): the same chunks and rows, scored by Ray tasks and actors."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:  # the optional "ray" extra

@@ -5,8 +5,8 @@ so a file gets the same answer wherever it is sent: decode and preprocess each f
 (`Predictor.prepare_scan`: the network's input and the colour the guard checks), one forward
 pass for every file that decoded, the out-of-distribution guard on each
 (`Predictor.predict_checked_batch`), temperature calibration, and the "uncertain" flag against
-the model's fitted threshold. No Flask: uploads.py wraps it for requests (model
-choice, config default, logging) and cli.py for folders of files.
+the model's fitted threshold. No Flask: web/uploads.py wraps it for requests
+(model choice, config default, logging) and cli.py for folders of files.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """From a multipart upload to a prediction: the work the result page and the JSON API share.
 
-The classification itself (guard, calibration, "uncertain" flag) is `inference.py`'s, the path
-`brainmri predict` takes too; this module adds the request side: the model a request names,
-the app's configured default threshold and the log line.
+The classification itself (guard, calibration, "uncertain" flag) is `inference/guarded.py`'s,
+the path `brainmri predict` takes too; this module adds the request side: the model a request
+names, the app's configured default threshold and the log line.
 
 The uploaded bytes stay in memory (security.InMemoryRequest) and are dropped after the request.
 The client's filename is consulted only for its extension and is never stored, shown or logged.
-The real type is decided by the magic bytes and the decoder in imaging.py, not by the extension
+The real type is decided by the magic bytes and the decoder in imaging/, not by the extension
 or the Content-Type header (OWASP File Upload Cheat Sheet).
 """
 
