@@ -8,9 +8,9 @@ import logging
 import os
 
 from brainmri import create_app
-from brainmri.modelcard import ModelError
+from brainmri.inference import ModelError
 from brainmri.preflight import APP_LOAD_ERROR  # gunicorn's "App failed to load": the master
-from brainmri.registry import REGISTRY_KEY     # stops instead of respawning hopeless workers
+from brainmri.web import REGISTRY_KEY          # stops instead of respawning hopeless workers
 
 try:
     app = create_app()

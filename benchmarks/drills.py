@@ -121,8 +121,8 @@ def bad_model(kind: str, source_dir: Path, work_dir: Path, timeout_s: float = 15
     `unloadable`: the .h5 is garbage but its metadata was re-stamped to match (the sha256
     check passes, Keras fails).
     """
-    from brainmri.modelcard import metadata_path_for
-    from brainmri.modelcard import write_model_card
+    from brainmri.inference import metadata_path_for
+    from brainmri.inference import write_model_card
 
     model_dir = Path(work_dir) / f"models-{kind}"
     model_dir.mkdir(parents=True)

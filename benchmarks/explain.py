@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import default_image  # noqa: E402
 from brainmri.config import DEFAULTS  # noqa: E402
-from brainmri.registry import default_model_path  # noqa: E402
+from brainmri.inference import default_model_path  # noqa: E402
 
 
 def main() -> None:
@@ -25,18 +25,19 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=default_model_path(Path(DEFAULTS["BRAINMRI_MODEL_DIR"])))
     parser.add_argument("-n", type=int, default=50)
     args = parser.parse_args()
-    from brainmri.explain import overlay_data_uri
-    from brainmri.predictor import Predictor
+    from brainmri.inference import overlay_data_uri
+    from brainmri.inference import Predictor
 
     predictor = Predictor.from_path(args.model)
     predictor.load()
     data = default_image()
-    image = predictor.prepare(data)
+    scan = predictor.prepare_scan(data)
+    image = scan.model_input
     timings: dict[str, list[float]] = {"predict (no guard)": [], "predict_checked (forward + OOD guard)": [],
                                        "Grad-CAM (explain)": [], "heatmap overlay PNG": []}
     for _ in range(args.n):
         for name, call in (("predict (no guard)", lambda: predictor.predict(image)),
-                           ("predict_checked (forward + OOD guard)", lambda: predictor.predict_checked(image, data)),
+                           ("predict_checked (forward + OOD guard)", lambda: predictor.predict_checked(image, scan.colourfulness)),
                            ("Grad-CAM (explain)", lambda: predictor.explain(image, "glioma"))):
             started = time.perf_counter()
             result = call()

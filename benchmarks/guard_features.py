@@ -25,7 +25,7 @@ def lite0_extractor(size: int, layer: str):
     import keras
     import tensorflow as tf
 
-    from brainmri import lite0
+    from brainmri.training import lite0
 
     full = lite0.build_classifier(size=size, weights="imagenet-lite0")
     pooled = keras.layers.GlobalAveragePooling2D()(full.get_layer(layer).output)
@@ -95,12 +95,12 @@ def main() -> None:
     parser.add_argument("--data", action="append", type=Path)
     parser.add_argument("--ood", type=Path, default=None)
     args = parser.parse_args()
-    from brainmri import ood
-    from brainmri import ood_sets
-    from brainmri.dataset import load_datasets
+    from brainmri.inference import ood
+    from brainmri.training import ood_sets
+    from brainmri.training.dataset import load_datasets
     from brainmri.imaging import ImageError
     from brainmri.imaging import load_scan
-    from brainmri.splits import split_dataset
+    from brainmri.training.splits import split_dataset
 
     roots = args.data or [Path("../shared/data/sartaj"), Path("../shared/data/lgg")]
     data = load_datasets(roots, 128)

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from brainmri.export import snapshot_model  # noqa: E402
+from brainmri.inference.export import snapshot_model  # noqa: E402
 
 LGG = Path(os.environ.get("BRAINMRI_LGG", ROOT.parent / "shared" / "data" / "lgg"))
 BRAINMRI = Path(sys.executable).parent / "brainmri"  # the console script of this environment

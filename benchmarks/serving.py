@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from brainmri.config import DEFAULTS  # noqa: E402
-from brainmri.registry import default_model_path  # noqa: E402
+from brainmri.inference import default_model_path  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,7 +52,7 @@ def default_image() -> bytes:
 
 def bench_predictor(model: Path, image: bytes, n: int) -> None:
     """Load time, preprocessing and inference latency through the Predictor."""
-    from brainmri.predictor import Predictor
+    from brainmri.inference import Predictor
 
     started = time.perf_counter()
     predictor = Predictor.from_path(model)

@@ -38,8 +38,8 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from brainmri.training import augment_batch
     from brainmri.training import build_model
+    from brainmri.training.trainer import augment_batch
 
     print(f"{'input':>6} {'widths':>18} {'params':>9} {'train img/s':>12} {'infer ms (1 img)':>17}")
     rng = np.random.default_rng(0)

@@ -47,30 +47,30 @@ def configure(app: Flask, test_config: dict[str, Any] | None) -> None:
 
 def register_extensions(app: Flask) -> None:
     """Request logging, security, and the (not yet loaded) predictor."""
-    from . import logs
-    from . import predictor
-    from . import ratelimit
-    from . import security
+    from .web import logs
+    from .web import models
+    from .web import ratelimit
+    from .web import security
 
     logs.init_app(app)  # first, so the request id exists for every later hook
     ratelimit.init_app(app)  # before security: a refused client costs no form parsing
     security.init_app(app)
     # Cheap: validates the metadata and sha256 without importing TensorFlow. The model itself
     # loads in main.py after gunicorn forks, or on the first prediction under `flask run`.
-    predictor.init_app(app)
+    models.init_app(app)
 
 
 def register_errorhandlers(app: Flask) -> None:
     """Map every error to JSON for the API and the HTML error page elsewhere."""
-    from . import errors
+    from .web import errors
 
     errors.init_app(app)
 
 
 def register_blueprints(app: Flask) -> None:
     """The pages and the JSON API."""
-    from . import api
-    from . import views
+    from .web import api
+    from .web import views
 
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)

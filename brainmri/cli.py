@@ -12,21 +12,19 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 from flask.cli import FlaskGroup
 from flask.cli import NoAppException
 
-from .architectures import ARCHITECTURES
 from .config import DEFAULTS
 from .config import PROJECT_ROOT
-from .modelcard import CLASSES
-from .modelcard import ModelError
-
-if TYPE_CHECKING:
-    from .inference import Outcome
+from .inference import CLASSES
+from .inference import PREDICT_COLUMNS
+from .inference import ModelError
+from .inference import csv_row
+from .training import ARCHITECTURES
 
 __all__ = ["cli"]
 
@@ -38,7 +36,7 @@ def _model_or_default(model_path: Path | None) -> Path:
     """`model_path`, else the registry's default model (best leakage-free test figures)."""
     if model_path is not None:
         return model_path
-    from .registry import default_model_path
+    from .inference import default_model_path
 
     try:
         return default_model_path(MODEL_DIR)
@@ -88,7 +86,7 @@ def _reproducible_command(ctx: click.Context) -> str:
 
 def _with_cache_progress(data: Path | tuple[Path, ...], label: str):
     """A progress bar sized to the number of images under the data root(s), and its callback."""
-    from .dataset import discover
+    from .training import discover
 
     roots = [data] if isinstance(data, Path) else list(data)
     bar = _progress_bar(sum(len(discover(root)) for root in roots), label)
@@ -138,10 +136,9 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
                   cache_dir: Path | None) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
-    from . import dedup
     from . import training
-
-    from .architectures import check_weights
+    from .training import check_weights
+    from .training import dedup
 
     try:  # fail before the slow part
         check_weights(arch, weights)
@@ -156,7 +153,7 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )
-    from .dataset import load_datasets
+    from .training import load_datasets
 
     # Decode and preprocess once (cached), under a progress bar, before Keras prints epochs.
     bar, update = _with_cache_progress(data, "Preprocessing images")
@@ -188,8 +185,8 @@ def evaluate_command(data: tuple[Path, ...], model_path: Path | None, out: Path,
                      cache_dir: Path | None) -> None:
     """Write metrics.json and plots (confusion, ROC, confidence, reliability, training curves)."""
     model_path = _model_or_default(model_path)
-    from . import evaluation
-    from .modelcard import metadata_path_for
+    from .inference import metadata_path_for
+    from .training import evaluation
 
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
@@ -272,10 +269,10 @@ def _echo_trust(trust: dict) -> None:
 def compare_command(data: tuple[Path, ...], model_paths: tuple[Path, ...], out: Path, latency_runs: int,
                     cache_dir: Path | None) -> None:
     """Measure every model on identical splits: compare.md table, compare.json, compare.png."""
-    from .compare import ComparisonError
-    from .compare import compare
-    from .compare import markdown_table
-    from .registry import discover_models
+    from .inference import discover_models
+    from .training import ComparisonError
+    from .training import compare
+    from .training import markdown_table
 
     paths = list(model_paths) or discover_models(MODEL_DIR)
     bar, update = _with_cache_progress(data, "Loading images")
@@ -307,7 +304,7 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
                       ood_data: Path | None, guard_network: Path | None,
                       cache_dir: Path | None) -> None:
     """Fit temperature, 'uncertain' threshold and OOD guard on the val split; store in metadata."""
-    from . import trust
+    from .training import trust
 
     model_path = _model_or_default(model_path)
     bar, update = _with_cache_progress(data, "Loading images")
@@ -352,12 +349,12 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
     """Train the guard network that refuses images that are not brain MRI slices."""
     import json
 
-    from . import guard_training
-    from . import ood_sets
-    from .evaluation import splits_path_for
-    from .trust import GUARD_FILE
+    from .training import guard_training
+    from .training import ood_sets
+    from .training import splits
+    from .training import trust
 
-    manifest_path = splits_path or splits_path_for(_model_or_default(None))
+    manifest_path = splits_path or splits.splits_path_for(_model_or_default(None))
     config = guard_training.GuardConfig(epochs=epochs)
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
@@ -370,7 +367,7 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
                                       progress=click.echo) if held_out else None)
     import hashlib
 
-    block = guard_training.fit(prepared, out or MODEL_DIR / GUARD_FILE, config, report,
+    block = guard_training.fit(prepared, out or MODEL_DIR / trust.GUARD_FILE, config, report,
                                command=_reproducible_command(ctx), progress=click.echo,
                                splits_sha256=hashlib.sha256(manifest_path.read_bytes()).hexdigest())
     click.echo(f"Bound {block['bound']:.4f}; validation refused {block['val_refusal_rate']}")
@@ -407,7 +404,7 @@ def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:
     extension allow-list; the other files are counted (".webp": 2, "(no extension)": 1). A file
     named on the command line is always tried, since its content decides, as for an upload.
     """
-    from .uploads import ALLOWED_EXTENSIONS
+    from .web import ALLOWED_EXTENSIONS
 
     accepted: list[Path] = []
     skipped: Counter[str] = Counter()
@@ -436,24 +433,6 @@ def _skipped_text(skipped: Counter[str]) -> str:
             "(name a file on the command line to try it anyway).")
 
 
-PREDICT_COLUMNS = ["path", "label", "confidence", *CLASSES, "tumor_probability", "error",
-                   "refused", "reason", "uncertain"]
-
-
-def _csv_row(path: Path, outcome: Outcome) -> list[str]:
-    """One CSV row: a prediction, a refusal (no class, refused=true, the reason) or an error."""
-    prediction = outcome.prediction
-    if prediction is not None:
-        return [str(path), prediction.label, f"{prediction.confidence:.6f}",
-                *(f"{prediction.probabilities[c]:.6f}" for c in CLASSES),
-                f"{prediction.tumor_probability:.6f}", "", "false", "",
-                "true" if prediction.uncertain else "false"]
-    no_class = [""] * (len(CLASSES) + 3)  # label, confidence, probabilities, tumor_probability
-    if outcome.refused:
-        return [str(path), *no_class, "", "true", outcome.message, ""]
-    return [str(path), *no_class, outcome.message, "false", "", ""]
-
-
 @cli.command("predict", with_appcontext=False)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -475,11 +454,11 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
                     address: str | None = None) -> None:
     """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV, screened like an upload.
 
-    Each file takes the page's and the API's path (inference.py): refusals get refused=true
+    Each file takes the page's and the API's path (inference/guarded.py): refusals get refused=true
     and the reason but no class, weak answers uncertain=true, and unusable files an error.
     """
     from . import inference
-    from .predictor import Predictor
+    from .inference import Predictor
 
     if address is not None and engine != "ray":
         raise click.BadParameter("only with --engine ray", param_hint="--address")
@@ -532,7 +511,7 @@ def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int
             outcomes.update(zip((position for position, _ in read), classified))
             for position, path in enumerate(chunk):
                 outcome = outcomes[position]
-                writer.writerow(_csv_row(path, outcome))
+                writer.writerow(csv_row(path, outcome))
                 if outcome.prediction is not None:
                     counts["classified"] += 1
                     counts["uncertain"] += int(outcome.prediction.uncertain)
@@ -551,8 +530,8 @@ def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def audit_command(data: Path, distance: int | None, show: int, cache_dir: Path | None) -> None:
     """Print near-duplicate groups, label conflicts and Training/Testing leaks in a data set."""
-    from . import dedup
-    from .dataset import load_dataset
+    from .training import dedup
+    from .training import load_dataset
 
     distance = dedup.DEFAULT_MAX_DISTANCE if distance is None else distance
     bar, update = _with_cache_progress(data, "Hashing images")
@@ -602,7 +581,7 @@ def export_command(model_path: Path | None, fmt: str, out: Path, opset: int) -> 
     the export; preprocessing, temperature scaling and the out-of-distribution guard stay
     with the caller.
     """
-    from . import export
+    from .inference import export
 
     if fmt == "onnx" and out.suffix != ".onnx":
         raise click.BadParameter("an ONNX export is a file ending in .onnx", param_hint="--out")
@@ -621,12 +600,12 @@ def export_command(model_path: Path | None, fmt: str, out: Path, opset: int) -> 
 
 def _predict_with_ray(files: list[Path], model: Path, csv_path: Path, batch_size: int,
                       threshold: float, guard: bool, address: str | None) -> Counter[str]:
-    """The Ray engine (raybatch.py): the same chunks and rows, scored by Ray tasks and actors."""
+    """The Ray engine (inference/raybatch.py): the same chunks and rows, scored by Ray tasks and actors."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:  # the optional "ray" extra
         raise click.ClickException("--engine ray needs Ray: uv sync --extra ray")
-    from . import raybatch
+    from .inference import raybatch
 
     counts: Counter[str] = Counter()
     with csv_path.open("w", newline="", encoding="utf-8") as handle, \

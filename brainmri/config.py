@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     # Every <name>.h5 here (with its metadata) is served; requests pick one with `model=`.
     "BRAINMRI_MODEL_DIR": str(PROJECT_ROOT / "model"),
     # The model used when a request names none; None = the best leakage-free test accuracy
-    # recorded in the metadata (registry.py).
+    # recorded in the metadata (inference/registry.py).
     "BRAINMRI_DEFAULT_MODEL": None,
     # Set to one .h5 to serve only that model (single-model deployments, tests).
     "BRAINMRI_MODEL_PATH": None,
@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "BRAINMRI_MAX_PIXELS": DEFAULT_MAX_PIXELS,
     # True only for tools that need the app but no model (tests, the CLI before training).
     "BRAINMRI_SKIP_MODEL": False,
-    # Signed, session-bound token on the upload form (see security.py for why not Origin checks).
+    # Signed, session-bound token on the upload form (web/security.py says why not Origin checks).
     "BRAINMRI_CSRF_ENABLED": True,
     "BRAINMRI_CSRF_TIME_LIMIT": 3600,
     # The result page labels a prediction "uncertain", not a finding, when the top class's softmax
@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     # are usually over-confident, so the real error rate there is higher still. 0.6 errs on the
     # side of saying "uncertain". Provisional: a later issue calibrates it on validation data.
     "BRAINMRI_UNCERTAIN_BELOW": 0.6,
-    # Predictions per client address (ratelimit.py, Flask-Limiter): a token bucket refilling at
+    # Predictions per client address (web/ratelimit.py, Flask-Limiter): a token bucket refilling at
     # this rate ("N/second|minute|hour", or an int per minute; null or 0 turns it off) and holding
     # BURST tokens. A person uploading slices by hand or a script that waits for each answer
     # stays far below one a second; a client looping as fast as it can is cut to the rate.

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .modelcard import ModelError
+from .inference import ModelError
 
 __all__ = ["APP_LOAD_ERROR", "check_models", "main"]
 
@@ -38,7 +38,7 @@ def check_keras_h5(path: Path) -> None:
 def check_models() -> str | None:
     """None when every served model's files are in place, else the reason they are not."""
     from . import create_app
-    from .registry import REGISTRY_KEY
+    from .web import REGISTRY_KEY
 
     try:
         app = create_app()

@@ -31,12 +31,12 @@ from conftest import launch_chromium  # noqa: E402
 from conftest import serve  # noqa: E402
 
 from brainmri import create_app  # noqa: E402
-from brainmri.modelcard import metadata_path_for  # noqa: E402
-from brainmri.predictor import EXTENSION_KEY  # noqa: E402
-from brainmri.registry import REGISTRY_KEY  # noqa: E402
-from brainmri.registry import ModelRegistry  # noqa: E402
-from brainmri.registry import default_model_path  # noqa: E402
-from brainmri.registry import discover_models  # noqa: E402
+from brainmri.inference import metadata_path_for  # noqa: E402
+from brainmri.inference import ModelRegistry  # noqa: E402
+from brainmri.inference import default_model_path  # noqa: E402
+from brainmri.inference import discover_models  # noqa: E402
+from brainmri.web import EXTENSION_KEY  # noqa: E402
+from brainmri.web import REGISTRY_KEY  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}

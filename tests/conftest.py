@@ -24,11 +24,13 @@ from werkzeug.serving import make_server
 
 from brainmri import create_app
 from brainmri.config import PROJECT_ROOT
+from brainmri.imaging import Scan
 from brainmri.imaging import load_scan
-from brainmri.modelcard import CLASSES
-from brainmri.predictor import EXTENSION_KEY
-from brainmri.predictor import Explanation
-from brainmri.predictor import Prediction
+from brainmri.imaging import read_scan
+from brainmri.inference import CLASSES
+from brainmri.web import EXTENSION_KEY
+from brainmri.inference import Explanation
+from brainmri.inference import Prediction
 
 # The real data set: $BRAINMRI_DATA, else ../shared/data/sartaj beside the checkout.
 REAL_DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
@@ -116,6 +118,10 @@ class FakePredictor:
         """The real shared preprocessing."""
         return load_scan(data, self.input_size, max_pixels=self.max_pixels)
 
+    def prepare_scan(self, data: bytes) -> Scan:
+        """The real shared preprocessing, with the file's colour from the same decode."""
+        return read_scan(data, self.input_size, max_pixels=self.max_pixels)
+
     def predict(self, image: np.ndarray) -> Prediction:
         """Fixed probabilities for a correctly shaped input."""
         assert image.shape == (self.input_size, self.input_size, 1)
@@ -136,26 +142,26 @@ class FakePredictor:
     uncertain_below = None
     refuse: tuple[str, ...] = ()
 
-    def reasons(self, image: np.ndarray, data: bytes | None) -> tuple[str, ...]:
+    def reasons(self, image: np.ndarray, colourfulness: float | None) -> tuple[str, ...]:
         """The guard's reasons to refuse one input: `refuse` for every input (tests override)."""
         return tuple(self.refuse)
 
-    def predict_checked(self, image: np.ndarray, data: bytes | None = None) -> Prediction:
+    def predict_checked(self, image: np.ndarray, colourfulness: float | None = None) -> Prediction:
         """Like predict, but refuse with NotBrainMRI when `reasons` names any."""
-        result = self.predict_checked_batch([image], [data])[0]
+        result = self.predict_checked_batch([image], [colourfulness])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    def predict_checked_batch(self, images, data=None, guard: bool = True) -> list:
+    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True) -> list:
         """Per input a Prediction, or the NotBrainMRI refusal (returned) when the guard is on."""
-        from brainmri.ood import NotBrainMRI
-        from brainmri.ood import Verdict
+        from brainmri.inference import NotBrainMRI
+        from brainmri.inference import Verdict
 
-        raw = list(data) if data is not None else [None] * len(images)
+        colours = list(colourfulness) if colourfulness is not None else [None] * len(images)
         results = []
-        for image, upload in zip(images, raw):
-            reasons = self.reasons(image, upload) if guard else ()
+        for image, colour in zip(images, colours):
+            reasons = self.reasons(image, colour) if guard else ()
             results.append(NotBrainMRI(Verdict(True, reasons, {})) if reasons else self.predict(image))
         return results
 

@@ -16,12 +16,12 @@ from brainmri.config import DEFAULTS
 from brainmri.config import PROJECT_ROOT
 from brainmri.config import read_or_create_key
 from brainmri.imaging import DEFAULT_MAX_PIXELS
-from brainmri.modelcard import CLASSES
-from brainmri.modelcard import TRAIN_HINT
-from brainmri.modelcard import ModelError
-from brainmri.modelcard import write_model_card
-from brainmri.predictor import EXTENSION_KEY
-from brainmri.predictor import Predictor
+from brainmri.inference import CLASSES
+from brainmri.inference import TRAIN_HINT
+from brainmri.inference import ModelError
+from brainmri.inference import write_model_card
+from brainmri.web import EXTENSION_KEY
+from brainmri.inference import Predictor
 
 SKIP = {"BRAINMRI_SKIP_MODEL": True}
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from brainmri import ood
-from brainmri.cli import PREDICT_COLUMNS
 from brainmri.cli import cli
 from brainmri.config import DEFAULTS
-from brainmri.modelcard import CLASSES
+from brainmri.inference import CLASSES
+from brainmri.inference import PREDICT_COLUMNS
 
 from conftest import FakePredictor
 from conftest import encode
@@ -32,14 +31,14 @@ class ScreeningPredictor(FakePredictor):
         self.uncertain_below = uncertain_below
         self.batches: list[int] = []
 
-    def reasons(self, image: np.ndarray, data: bytes | None) -> tuple[str, ...]:
-        """Refuse on the real colour measurement of the upload."""
-        return ("colourfulness",) if ood.colourfulness(data) > 0.1 else ()
+    def reasons(self, image: np.ndarray, colourfulness: float | None) -> tuple[str, ...]:
+        """Refuse on the real colour measurement of the upload (from its one decode)."""
+        return ("colourfulness",) if (colourfulness or 0.0) > 0.1 else ()
 
-    def predict_checked_batch(self, images, data=None, guard: bool = True) -> list:
+    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True) -> list:
         """Record the batch size, then screen and classify."""
         self.batches.append(len(images))
-        return super().predict_checked_batch(images, data, guard)
+        return super().predict_checked_batch(images, colourfulness, guard)
 
 
 def colour_photo(size: int = 160) -> np.ndarray:
@@ -80,7 +79,7 @@ def run_predict(tmp_path: Path, *args: str) -> tuple[object, list[str], dict[str
 def fake(monkeypatch) -> ScreeningPredictor:
     """The fake installed as the CLI's model (no TensorFlow)."""
     predictor = ScreeningPredictor()
-    monkeypatch.setattr("brainmri.predictor.Predictor.from_path", lambda *a, **k: predictor)
+    monkeypatch.setattr("brainmri.inference.Predictor.from_path", lambda *a, **k: predictor)
     return predictor
 
 
@@ -157,7 +156,7 @@ def test_a_file_named_directly_is_tried_whatever_its_suffix(fake, folder, model_
 
 def test_cli_and_api_give_the_same_answers(app, fake, folder, model_file, tmp_path):
     """One path: the batch API's answer for each file is the CLI's row for it."""
-    from brainmri.predictor import EXTENSION_KEY
+    from brainmri.web import EXTENSION_KEY
 
     app.extensions[EXTENSION_KEY] = fake
     _, _, rows = run_predict(tmp_path, str(folder), "--model", model_file)
@@ -182,7 +181,7 @@ def test_shipped_model_refuses_the_photo_and_no_guard_classifies_it(folder, tmp_
     """The real model and its fitted guard: the colour photo is refused, --no-guard classifies it;
     every row equals the single-upload path's answer for that file."""
     from brainmri import inference
-    from brainmri.predictor import Predictor
+    from brainmri.inference import Predictor
 
     result, _, rows = run_predict(tmp_path, str(folder), "--model", str(SHIPPED))
     photo = rows["photo.jpg"]

@@ -1,0 +1,85 @@
+"""The served models: metadata, predictor, guard, calibration, Grad-CAM, and the guarded path.
+
+Imports only `imaging` below it; no Flask. TensorFlow is imported when a model loads, never at
+import time. `classify_many`/`classify_one` (guarded.py) are the path the page, the API and
+`brainmri predict` all take. `export` and `raybatch` (the optional extras, listed in __all__)
+are not imported here but on first use (``from brainmri.inference import export``).
+"""
+
+from . import calibration
+from . import explain
+from . import guardnet
+from . import ood
+from .explain import heatmap_png
+from .explain import legend_data_uri
+from .explain import overlay_data_uri
+from .guarded import PREDICT_COLUMNS
+from .guarded import REFUSAL_CODES
+from .guarded import Outcome
+from .guarded import classify_many
+from .guarded import classify_one
+from .guarded import classify_prepared
+from .guarded import csv_row
+from .guarded import uncertain_threshold
+from .modelcard import CLASSES
+from .modelcard import TRAIN_HINT
+from .modelcard import ModelCard
+from .modelcard import ModelError
+from .modelcard import file_sha256
+from .modelcard import metadata_path_for
+from .modelcard import read_model_card
+from .modelcard import write_model_card
+from .ood import NotBrainMRI
+from .ood import OODGuard
+from .ood import Verdict
+from .predictor import DISCLAIMER
+from .predictor import Explanation
+from .predictor import Prediction
+from .predictor import Predictor
+from .registry import ModelRegistry
+from .registry import UnknownModel
+from .registry import default_model_path
+from .registry import discover_models
+from .registry import held_out_score
+from .registry import leakage_free_score
+
+__all__ = [
+    "CLASSES",
+    "DISCLAIMER",
+    "PREDICT_COLUMNS",
+    "REFUSAL_CODES",
+    "TRAIN_HINT",
+    "Explanation",
+    "ModelCard",
+    "ModelError",
+    "ModelRegistry",
+    "NotBrainMRI",
+    "OODGuard",
+    "Outcome",
+    "Prediction",
+    "Predictor",
+    "UnknownModel",
+    "Verdict",
+    "calibration",
+    "classify_many",
+    "classify_one",
+    "classify_prepared",
+    "csv_row",
+    "default_model_path",
+    "discover_models",
+    "explain",
+    "export",
+    "file_sha256",
+    "heatmap_png",
+    "held_out_score",
+    "leakage_free_score",
+    "legend_data_uri",
+    "metadata_path_for",
+    "guardnet",
+    "ood",
+    "overlay_data_uri",
+    "raybatch",
+    "read_model_card",
+    "uncertain_threshold",
+    "write_model_card",
+]

@@ -1,0 +1,281 @@
+"""Train the guard network (`guardnet.py`) and measure it on kinds of image it never saw.
+
+Positives are the training split of every brain collection (the models' own split manifest, so
+no validation or test slice is ever trained on); negatives are the real images of `ood_train/`
+and synthetic ones (`ood_sets`: patches and inversions of training slices, head-CT look-alikes,
+noise, gradients, text, checkerboards, blanks). Its refusal bound is set on the validation
+slices of every collection. `--held-out` retrains once per real category left out (and once per
+brain collection left out) and records, for every held-out image, how far it fell below the
+bound of the network that never saw its kind: that is the figure the guard is judged by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..imaging import ImageError
+from ..imaging import PREPROCESSING_VERSION
+from ..imaging import load_scan
+from ..inference import guardnet
+from ..inference import ood
+from . import ood_sets
+from .dataset import load_datasets
+
+__all__ = ["GuardConfig", "GuardData", "assemble", "fit", "sample_epoch", "train_guardnet"]
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How the guard network is trained and bounded (the defaults are the shipped recipe)."""
+
+    epochs: int = 12
+    epoch_images: int = 3072
+    batch_size: int = 64
+    width: int = 16
+    learning_rate: float = 2e-3
+    # Share of each epoch drawn from brain slices; the rest are negatives, equal per category.
+    positive_share: float = 0.5
+    # The refusal bound: the `tail` quantile of validation logits, widened by `margin` times its
+    # distance to the median (`ood._bound`). Half the 1 % false-refusal budget, unwidened: the
+    # validation logits have a long low tail (LGG end slices of amplified noise, a few CT
+    # slices in SARTAJ), so any widening put the bound below most negatives.
+    tail: float = 0.005
+    margin: float = 0.0
+    ct_like: int = 1500  # head-CT look-alikes made from training slices
+    exposure_slices: int = 1500  # training slices whose patch and inversion are negatives
+    seed: int = 0
+
+
+def sample_epoch(rng: np.random.Generator, positive_groups: np.ndarray, negative_groups: np.ndarray,
+                 count: int, positive_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the positives and negatives for one epoch, each side equal per group.
+
+    Positives are grouped by collection (a collection with ten times the slices must not
+    teach "brain" as "looks like that collection"), negatives by category.
+    """
+    def draw(groups: np.ndarray, n: int) -> np.ndarray:
+        names = sorted(set(groups.tolist()))
+        members = [np.flatnonzero(groups == g) for g in names]
+        which = rng.integers(0, len(names), n)
+        return np.array([members[g][rng.integers(0, len(members[g]))] for g in which], int)
+
+    n_pos = int(round(count * positive_share))
+    return draw(positive_groups, n_pos), draw(negative_groups, count - n_pos)
+
+
+def _dataset(images: np.ndarray, targets: np.ndarray, batch_size: int, seed: int):
+    import tensorflow as tf
+
+    from .trainer import augment_batch
+
+    ds = tf.data.Dataset.from_tensor_slices((images, targets.astype(np.float32)[:, None]))
+    ds = ds.shuffle(len(images), seed=seed).batch(batch_size)
+    # The classifier's augmentation (geometry, bias field, gamma, resolution, noise, JPEG) on
+    # both sides: a brain slice from a new scanner must still read as brain, and a negative
+    # must not be recognised by one collection's look.
+    ds = ds.map(lambda x, y: (augment_batch(tf.cast(x, tf.float32) / 255.0), y),
+                num_parallel_calls=2)
+    return ds.prefetch(2)
+
+
+def train_guardnet(positives: np.ndarray, positive_groups: np.ndarray, negatives: np.ndarray,
+                   negative_groups: np.ndarray, config: GuardConfig = GuardConfig(),
+                   progress: Callable[[str], None] | None = None):
+    """Train the guard network on uint8 (N, side, side, 1) inputs (`guardnet.shrink`).
+
+    Each epoch is a fresh balanced draw (`sample_epoch`), augmented on the fly; the loss is
+    binary cross-entropy on the logit (brain slice = 1). Returns the Keras model.
+    """
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = guardnet.build_guardnet(positives.shape[1], width=config.width)
+    steps = config.epochs * int(np.ceil(config.epoch_images / config.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        pos, neg = sample_epoch(rng, positive_groups, negative_groups, config.epoch_images,
+                                config.positive_share)
+        images = np.concatenate([positives[pos], negatives[neg]])
+        targets = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        history = model.fit(_dataset(images, targets, config.batch_size, config.seed + epoch),
+                            epochs=1, verbose=0, shuffle=False)  # tf.data shuffles
+        if progress:
+            logs = {k: round(float(v[-1]), 4) for k, v in history.history.items()}
+            progress(f"guard epoch {epoch + 1}/{config.epochs}: {logs} "
+                     f"({time.perf_counter() - start:.0f} s)")
+    return model
+
+
+@dataclass
+class GuardData:
+    """Everything the guard network is trained and bounded on, at the guard's side."""
+
+    positives: np.ndarray  # uint8 (N, side, side, 1): training-split slices
+    collections: np.ndarray  # collection of each positive
+    val: np.ndarray  # uint8 validation slices of every collection
+    val_collections: np.ndarray
+    negatives: np.ndarray  # uint8: real, then synthetic
+    categories: np.ndarray  # category of each negative ("exposure_*" for synthetic ones)
+    sources: np.ndarray  # source repository ("synthetic" / "training split" for ours)
+    names: np.ndarray  # "<category>/<file>" of real negatives, "" for synthetic ones
+
+    @property
+    def real(self) -> np.ndarray:
+        """Mask of the real (not synthetic) negatives."""
+        return self.names != ""
+
+
+def _to_u8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int = 128,
+             config: GuardConfig = GuardConfig(), cache_dir: Path | None = None,
+             progress=None) -> GuardData:
+    """Load positives (train/val of `manifest`), real negatives and synthetic negatives."""
+    from .trust import _split_indices
+
+    data = load_datasets(data_roots, size, cache_dir=cache_dir, progress=progress)
+    splits = _split_indices(data, manifest)
+    collections = np.array(data.collections)
+    train, val = splits["train"], splits["val"]
+    inputs, categories, sources, names = [], [], [], []
+    for negative in ood_sets.real_negatives(ood_root):
+        try:
+            inputs.append(load_scan(negative.path.read_bytes(), size))
+        except ImageError:
+            continue  # refused by the decoder before any guard
+        categories.append(negative.category)
+        sources.append(negative.source)
+        names.append(f"{negative.category}/{negative.path.name}")
+    chosen = train[np.linspace(0, len(train) - 1, min(config.exposure_slices, len(train))).astype(int)]
+    greys = [g for g in (cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8),
+                                      cv2.IMREAD_GRAYSCALE) for i in chosen) if g is not None]
+    synthetic = [("exposure_" + ("patch" if k % 2 == 0 else "inverted"), "training split", png)
+                 for k, png in enumerate(ood_sets.exposure_negatives(greys))]
+    synthetic += [(f"exposure_{image.category}", "synthetic", image.data)
+                  for image in ood_sets.synthetic_images(per_category=24, seed=20261201)]
+    for category, source, png in synthetic:
+        try:
+            inputs.append(load_scan(png, size))
+        except ImageError:
+            continue
+        categories.append(category)
+        sources.append(source)
+        names.append("")
+    rng = np.random.default_rng(config.seed + 20261202)
+    train_u8 = _to_u8(data.images[train])
+    for i in np.linspace(0, len(train) - 1, min(config.ct_like, len(train))).astype(int):
+        inputs.append(ood_sets.ct_like(train_u8[i, :, :, 0], rng)[..., None].astype(np.float32) / 255)
+        categories.append("exposure_ct_like")
+        sources.append("training split")
+        names.append("")
+    side = guardnet.GUARD_SIDE
+    return GuardData(guardnet.shrink(train_u8, side), collections[train],
+                     guardnet.shrink(_to_u8(data.images[val]), side), collections[val],
+                     guardnet.shrink(_to_u8(np.stack(inputs)), side), np.array(categories),
+                     np.array(sources), np.array(names))
+
+
+def _train_and_bound(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray,
+                     config: GuardConfig, progress) -> tuple[guardnet.GuardNet, float]:
+    model = train_guardnet(data.positives[keep_pos], data.collections[keep_pos],
+                           data.negatives[keep_neg], data.categories[keep_neg], config, progress)
+    net = guardnet.GuardNet(model)
+    # Bound on the validation slices of the collections it trained on only.
+    trained = np.isin(data.val_collections, np.unique(data.collections[keep_pos]))
+    low, _ = ood._bound(net.logits(data.val[trained]), "low", config.tail, config.margin)
+    return net, float(low)
+
+
+def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None = None,
+             progress=None) -> dict[str, Any]:
+    """Retrain without each real category (and each brain collection) and measure what it missed.
+
+    Returns per-category tallies, every held-out real image's margin below the fold's bound
+    (negative: refused), and for each brain collection left out the share of its validation
+    slices refused by a network that never saw that collection.
+    """
+    categories = categories or sorted(set(data.categories[data.real].tolist()))
+    report: dict[str, Any] = {"categories": {}, "margins": {}, "collections": {}}
+    everyone = np.ones(len(data.positives), bool)
+    for category in categories:
+        out = data.categories == category
+        net, bound = _train_and_bound(data, ~out, everyone, config, progress)
+        margin = net.logits(data.negatives[out]) - bound
+        refused = int((margin < 0).sum())
+        report["categories"][category] = {"images": int(out.sum()), "refused": refused,
+                                          "rate": round(refused / max(int(out.sum()), 1), 4)}
+        report["margins"].update({name: round(float(m), 4)
+                                  for name, m in zip(data.names[out], margin)})
+        if progress:
+            progress(f"held out {category}: refused {refused}/{int(out.sum())}")
+    for collection in sorted(set(data.collections.tolist())):
+        keep = data.collections != collection
+        if len(set(data.collections[keep].tolist())) == 0:
+            continue
+        net, bound = _train_and_bound(data, np.ones(len(data.negatives), bool), keep, config,
+                                      progress)
+        theirs = data.val_collections == collection
+        rate = float((net.logits(data.val[theirs]) < bound).mean())
+        report["collections"][collection] = {"images": int(theirs.sum()),
+                                             "falsely_refused": round(rate, 4)}
+        if progress:
+            progress(f"held out brain collection {collection}: {rate:.3f} of its val refused")
+    tallies = report["categories"].values()
+    images = sum(t["images"] for t in tallies)
+    report["overall"] = round(sum(t["refused"] for t in tallies) / images, 4) if images else None
+    report["rule"] = ("each real category refused by a guard network trained without it, at "
+                      "the bound set on validation; each brain collection's validation slices "
+                      "judged by a network trained without that collection")
+    report["folds_not_run"] = sorted(set(data.categories[data.real].tolist()) - set(categories))
+    return report
+
+
+def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
+        held_out_report: dict[str, Any] | None = None, command: str | None = None,
+        splits_sha256: str | None = None, progress=None) -> dict[str, Any]:
+    """Train on everything, set the bound on validation, write `<out>.h5` and `<out>.json`."""
+    started = time.monotonic()
+    net, bound = _train_and_bound(data, np.ones(len(data.negatives), bool),
+                                  np.ones(len(data.positives), bool), config, progress)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    net.model.save(out_path)
+    onnx_sha256 = guardnet.write_onnx(net.model, out_path.with_suffix(".onnx"))
+    val_logits = net.logits(data.val)
+    block = {
+        "format": guardnet.GUARD_FORMAT,
+        "side": guardnet.GUARD_SIDE,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "bound": round(bound, 6),
+        "sha256": hashlib.sha256(out_path.read_bytes()).hexdigest(),
+        "onnx_sha256": onnx_sha256,
+        "val_refusal_rate": {c: round(float((val_logits[data.val_collections == c] < bound).mean()), 4)
+                             for c in sorted(set(data.val_collections.tolist()))},
+        "positives": dict(sorted(Counter(data.collections.tolist()).items())),
+        "negatives": dict(sorted(Counter(data.categories.tolist()).items())),
+        "config": asdict(config),
+        **({"splits_sha256": splits_sha256} if splits_sha256 else {}),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        **({"command": command} if command else {}),
+        **({"held_out": held_out_report} if held_out_report else {}),
+    }
+    out_path.with_suffix(".json").write_text(json.dumps(block, indent=2) + "\n")
+    return block

@@ -1,0 +1,50 @@
+"""The served models on the app: every model in the model folder (the registry) and the default.
+
+`init_app` reads every model's metadata and checks its sha256, without importing TensorFlow, and
+puts the unloaded registry and the default model's predictor into ``app.extensions``. main.py
+loads them in each gunicorn worker after fork; under ``flask run`` the first prediction does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Flask
+from flask import current_app
+
+from ..inference import ModelRegistry
+from ..inference import Predictor
+from ..inference import default_model_path
+from ..inference import discover_models
+
+__all__ = ["EXTENSION_KEY", "REGISTRY_KEY", "get_predictor", "init_app"]
+
+# The app.extensions keys (their values predate the web/ package; tools and tests set them).
+EXTENSION_KEY = "brainmri.predictor"  # the default model's Predictor
+REGISTRY_KEY = "brainmri.models"  # the ModelRegistry of every served model
+
+
+def init_app(app: Flask) -> None:
+    """Attach the (unloaded) model registry and its default predictor; fails fast on bad metadata.
+
+    Raises:
+        ModelError: a model is missing, its metadata is missing/invalid, or its sha256 differs.
+    """
+    if app.config.get("BRAINMRI_SKIP_MODEL"):
+        return
+    single = app.config.get("BRAINMRI_MODEL_PATH")
+    if single:
+        paths = [Path(single)]
+        default = paths[0]
+    else:
+        model_dir = Path(app.config["BRAINMRI_MODEL_DIR"])
+        default = default_model_path(model_dir, app.config.get("BRAINMRI_DEFAULT_MODEL"))
+        paths = discover_models(model_dir)
+    registry = ModelRegistry.from_paths(paths, default, app.config["BRAINMRI_MAX_PIXELS"])
+    app.extensions[REGISTRY_KEY] = registry
+    app.extensions[EXTENSION_KEY] = registry.get()
+
+
+def get_predictor() -> Predictor:
+    """The predictor of the current app (one per worker process)."""
+    return current_app.extensions[EXTENSION_KEY]
