@@ -34,6 +34,7 @@ import numpy as np
 from ..imaging import PREPROCESSING
 from .modelcard import ModelError
 from .modelcard import metadata_path_for
+from .modelcard import linked_files
 from .modelcard import read_model_card
 
 __all__ = [
@@ -91,6 +92,9 @@ def snapshot_model(model_path: Path, into: Path, attempts: int = 3) -> Path:
     for _ in range(attempts):
         shutil.copyfile(metadata_path_for(model_path), metadata_path_for(copy))
         shutil.copyfile(model_path, copy)
+        for name in linked_files(model_path):  # the guard network its metadata names
+            (copy.parent / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_path.parent / name, copy.parent / name)
         try:
             read_model_card(copy)
             return copy

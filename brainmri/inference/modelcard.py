@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "linked_files",
     "CLASSES",
     "TRAIN_HINT",
     "ModelCard",
@@ -56,6 +57,20 @@ class ModelCard:
 def metadata_path_for(model_path: Path) -> Path:
     """Return the metadata file that belongs to `model_path` (same stem, `.json`)."""
     return model_path.with_suffix(".json")
+
+
+def linked_files(model_path: Path) -> list[str]:
+    """Files beside the model that its metadata names, relative to its folder: the guard
+    network (`ood.network.file`) with its ONNX copy and JSON. Copies of a model take them along."""
+    import json
+
+    meta = json.loads(metadata_path_for(model_path).read_text())
+    link = (meta.get("ood") or {}).get("network")
+    if not link:
+        return []
+    base = Path(link["file"])
+    return [str(p) for p in (base, base.with_suffix(".onnx"), base.with_suffix(".json"))
+            if (Path(model_path).parent / p).is_file()]
 
 
 def file_sha256(path: Path) -> str:

@@ -114,7 +114,7 @@ class Scorer:
     """Ray actor: the guarded predictor, loaded once, classifying one chunk per call."""
 
     def __init__(self, model: bytes, metadata: bytes, name: str, uncertain_below: float,
-                 guard: bool, threads: int) -> None:
+                 guard: bool, threads: int, linked: dict[str, bytes] | None = None) -> None:
         # The plain engine's thread count, set before TensorFlow starts: TensorFlow splits its
         # sums by thread, and another count changes probabilities in the 6th decimal.
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
@@ -125,6 +125,9 @@ class Scorer:
         path = Path(self._dir.name) / name
         path.write_bytes(model)
         metadata_path_for(path).write_bytes(metadata)
+        for relative, data in (linked or {}).items():  # the guard network the metadata names
+            (path.parent / relative).parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / relative).write_bytes(data)
         self.predictor = Predictor.from_path(path)  # sha256 checked against the metadata
         self.predictor.load()
         self.uncertain_below = uncertain_below
@@ -203,6 +206,7 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
     from .export import snapshot_model
     from ..imaging import DEFAULT_MAX_PIXELS
     from .modelcard import metadata_path_for
+    from .modelcard import linked_files
     from .modelcard import read_model_card
 
     if not files:
@@ -211,6 +215,7 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
         copy = snapshot_model(model_path, Path(tmp))  # training may rewrite model/ meanwhile
         card = read_model_card(copy)
         model, metadata = copy.read_bytes(), metadata_path_for(copy).read_bytes()
+        linked = {name: (copy.parent / name).read_bytes() for name in linked_files(copy)}
     started_here = not ray.is_initialized()
     if started_here:
         # "local" always starts a new instance here; None would join whatever RAY_ADDRESS names.
@@ -236,7 +241,7 @@ def predict_chunks(files: list[Path], model_path: Path, batch_size: int, uncerta
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
             fn_constructor_kwargs={"model": model, "metadata": metadata, "name": copy.name,
                                    "uncertain_below": uncertain_below, "guard": guard,
-                                   "threads": threads})
+                                   "threads": threads, "linked": linked})
         for item in scored.iter_rows():
             yield [ChunkResult(row, kind, uncertain)
                    for row, kind, uncertain in json.loads(item["rows"])]
