@@ -82,14 +82,16 @@ def sigterm_master(image: bytes, in_flight: int = 4, files_per_request: int = 64
             import http.client
 
             started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
                 conn.request("POST", "/api/v1/predict/batch", body, {"Content-Type": content_type})
                 response = conn.getresponse()
                 response.read()
                 status = response.status
             except OSError:
                 status = None
+            finally:
+                conn.close()  # an unclosed socket is a ResourceWarning, an error in the tests
             ended = time.perf_counter()
             with lock:
                 outcomes.append(Outcome(status, (ended - started) * 1e3, ended, started))

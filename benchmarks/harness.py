@@ -71,30 +71,31 @@ def post_predict(port: int, body: bytes, content_type: str, timeout: float = 60.
                  headers: dict[str, str] | None = None) -> Outcome:
     """POST one prediction; a refused or reset connection is an Outcome with status None."""
     started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         conn.request("POST", "/api/v1/predict", body,
                      {"Content-Type": content_type, **(headers or {})})
         response = conn.getresponse()
         response.read()
-        conn.close()
         status = response.status
     except (OSError, http.client.HTTPException):
         status = None
+    finally:
+        conn.close()  # also when the worker died mid-request
     ended = time.perf_counter()
     return Outcome(status, (ended - started) * 1e3, ended, started)
 
 
 def get_status(port: int, path: str, timeout: float = 2.0) -> int | None:
     """Status of a GET, or None when nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         conn.request("GET", path)
-        status = conn.getresponse().status
-        conn.close()
-        return status
+        return conn.getresponse().status
     except (OSError, http.client.HTTPException):
         return None
+    finally:
+        conn.close()
 
 
 def rss_mib(pid: int, peak: bool = False) -> float:
