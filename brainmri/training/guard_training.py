@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ..imaging import ImageError
@@ -150,6 +149,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
              progress=None) -> GuardData:
     """Load positives (train/val of `manifest`), real negatives and synthetic negatives."""
     from .trust import _split_indices
+    from .trust import synthetic_negative_files
 
     data = load_datasets(data_roots, size, cache_dir=cache_dir, progress=progress)
     splits = _split_indices(data, manifest)
@@ -164,14 +164,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
         categories.append(negative.category)
         sources.append(negative.source)
         names.append(f"{negative.category}/{negative.path.name}")
-    chosen = train[np.linspace(0, len(train) - 1, min(config.exposure_slices, len(train))).astype(int)]
-    greys = [g for g in (cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8),
-                                      cv2.IMREAD_GRAYSCALE) for i in chosen) if g is not None]
-    synthetic = [("exposure_" + ("patch" if k % 2 == 0 else "inverted"), "training split", png)
-                 for k, png in enumerate(ood_sets.exposure_negatives(greys))]
-    synthetic += [(f"exposure_{image.category}", "synthetic", image.data)
-                  for image in ood_sets.synthetic_images(per_category=24, seed=20261201)]
-    for category, source, png in synthetic:
+    for category, source, png in synthetic_negative_files(data, train, config.exposure_slices):
         try:
             inputs.append(load_scan(png, size))
         except ImageError:

@@ -140,10 +140,12 @@ def _measure_files(predictor, items: list[tuple[str, str, bytes]], network=None,
                      dict(unreadable), np.array(kept) if names else None)
 
 
-def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray,
-                         network=None) -> _Measured:
-    """A patch and an inversion of `EXPOSURE_SLICES` training slices, through the upload path."""
-    chosen = train[np.linspace(0, len(train) - 1, min(EXPOSURE_SLICES, len(train))).astype(int)]
+def synthetic_negative_files(data: CachedDataset, train: np.ndarray,
+                             slices: int = EXPOSURE_SLICES) -> list[tuple[str, str, bytes]]:
+    """(category, source, file bytes) of the synthetic negatives the exposure head and the
+    guard network both learn from: a patch and an inversion of `slices` training slices, and
+    noise, gradients, text, checkerboards and blanks."""
+    chosen = train[np.linspace(0, len(train) - 1, min(slices, len(train))).astype(int)]
     greys = []
     for i in chosen:
         grey = cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
@@ -156,7 +158,13 @@ def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray,
     # smooth noise on their own. Those test categories are then reported as exposed.
     items += [(f"exposure_{image.category}", "synthetic", image.data)
               for image in ood_sets.synthetic_images(per_category=24, seed=20261201)]
-    return _measure_files(predictor, items, network)
+    return items
+
+
+def _synthetic_negatives(predictor, data: CachedDataset, train: np.ndarray,
+                         network=None) -> _Measured:
+    """The synthetic negatives (`synthetic_negative_files`), through the upload path."""
+    return _measure_files(predictor, synthetic_negative_files(data, train), network)
 
 
 def _fit_head(positives: np.ndarray, negatives: list[tuple[np.ndarray, np.ndarray]]) -> ood.Exposure:
@@ -205,15 +213,12 @@ def held_out_refusals(base: ood.OODGuard, positives: np.ndarray, real: _Measured
     """
     synthetic_part = (synthetic.rows(), synthetic.categories)
     report: dict[str, Any] = {"categories": {}, "sources": {}}
-    refused_all, images_all = 0, 0
     for category in sorted(set(real.categories.tolist()) | set(real.unreadable)):
         out = real.categories == category
         head = _fit_head(positives, [(real.rows(~out), real.categories[~out]), synthetic_part])
         tally = _tally(_verdicts(_with_head(base, head, val), real.subset(out)),
                        real.unreadable.get(category, 0))
         report["categories"][category] = tally
-        refused_all += tally["refused"]
-        images_all += tally["images"]
         sources = sorted(set(real.sources[out].tolist()))
         if len(sources) < 2:
             continue
@@ -223,14 +228,21 @@ def held_out_refusals(base: ood.OODGuard, positives: np.ndarray, real: _Measured
             head = _fit_head(positives, [(real.rows(~held), real.categories[~held]), synthetic_part])
             report["sources"][category][source] = _tally(
                 _verdicts(_with_head(base, head, val), real.subset(held)))
-    source_rates = [t["rate"] for by in report["sources"].values() for t in by.values()]
-    report["overall"] = round(refused_all / images_all, 4) if images_all else None
-    report["images"] = images_all
-    report["worst_category"] = min((t["rate"], c) for c, t in report["categories"].items())
-    report["worst_source"] = min(source_rates) if source_rates else None
+    _summarise(report)
     report["rule"] = ("each category (source) refused by a guard whose exposure head was fitted "
                       "without it; bounds refitted on validation")
     return report
+
+
+def _summarise(report: dict[str, Any]) -> None:
+    """Overall refusal, image count, worst category and worst source of a held-out report."""
+    tallies = report["categories"].values()
+    images = sum(t["images"] for t in tallies)
+    source_rates = [t["rate"] for by in report["sources"].values() for t in by.values()]
+    report["overall"] = round(sum(t["refused"] for t in tallies) / images, 4) if images else None
+    report["images"] = images
+    report["worst_category"] = min((t["rate"], c) for c, t in report["categories"].items())
+    report["worst_source"] = min(source_rates) if source_rates else None
 
 
 def network_held_out(guard: ood.OODGuard, real: _Measured) -> dict[str, Any]:
@@ -252,13 +264,7 @@ def network_held_out(guard: ood.OODGuard, real: _Measured) -> dict[str, Any]:
             report["sources"][category] = {
                 source: _tally([v for v, o, s in zip(verdicts, out, real.sources)
                                 if o and s == source]) for source in sources}
-    tallies = report["categories"].values()
-    images = sum(t["images"] for t in tallies)
-    source_rates = [t["rate"] for by in report["sources"].values() for t in by.values()]
-    report["overall"] = round(sum(t["refused"] for t in tallies) / images, 4) if images else None
-    report["images"] = images
-    report["worst_category"] = min((t["rate"], c) for c, t in report["categories"].items())
-    report["worst_source"] = min(source_rates) if source_rates else None
+    _summarise(report)
     report["rule"] = ("each category refused by the guard whose network was trained without "
                       "that category (its other checks never see a negative); sources judged by "
                       "the same category-out network")
