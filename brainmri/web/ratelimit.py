@@ -146,6 +146,10 @@ def limit_string(rate: float) -> str:
     return f"{max(1, round(rate * 86400))}/day"
 
 
+# Seconds below which two times are the same instant (the Redis script stores microseconds).
+TIME_EPSILON = 1e-6
+
+
 def gcra(tat: float | None, now: float, interval: float, burst: float,
          cost: int = 1) -> tuple[float | None, float]:
     """One GCRA decision: (the bucket's new TAT, 0.0) if allowed, else (None, seconds to wait).
@@ -160,7 +164,9 @@ def gcra(tat: float | None, now: float, interval: float, burst: float,
     start = now if tat is None else max(tat, now)
     new_tat = start + cost * interval
     allow_at = new_tat - burst * interval
-    if allow_at > now:
+    # Within a microsecond counts as now: (now + 3600) - 3600 can come out one ulp above now,
+    # which refused a new client's first request (burst 1, 1/hour) about one time in three.
+    if allow_at - now > TIME_EPSILON:
         return None, allow_at - now
     return new_tat, 0.0
 
@@ -270,7 +276,7 @@ if stored then
 end
 local new_tat = start + cost * interval
 local allow_at = new_tat - burst * interval
-if allow_at > now then
+if allow_at - now > 1e-6 then
   return {0, string.format('%.6f', allow_at - now)}
 end
 local ttl_ms = math.max(1, math.ceil((new_tat - now) * 1000))
@@ -383,6 +389,32 @@ class BucketLimiter(Limiter):
             fallback = self._fallback_storage
             self._fallback_limiter = TokenBucket(fallback, self.buckets_for(fallback))
 
+    def _check_request_limit(self, callable_name: str | None = None,
+                             in_middleware: bool = True) -> None:
+        """Flask-Limiter's check, with a store error always counted in the in-memory fallback.
+
+        Flask-Limiter switches a worker to the fallback on the first store error. A second
+        thread whose Redis call was already failing at that moment would, in Flask-Limiter,
+        answer 500 or (with swallow_errors) pass uncounted: with 2 gthread threads per worker
+        that let up to one extra request per worker through each time Redis went away. Here
+        that request is counted in the fallback like every later one.
+        """
+        try:
+            super()._check_request_limit(callable_name, in_middleware)
+            return
+        except RateLimitExceeded:
+            raise
+        except Exception:
+            if self._fallback_limiter is None or not self._storage_dead:
+                raise
+        self.context.seen_limits.clear()
+        try:
+            super()._check_request_limit(callable_name, in_middleware)  # now on the fallback
+        except RateLimitExceeded:
+            raise
+        except Exception:  # the in-memory fallback itself failed: fail open, as documented
+            log.exception("rate limit check failed; this request is not limited")
+
 
 def _client_address() -> str:
     """The bucket key: the client's address (after ProxyFix, when proxies are trusted)."""
@@ -466,11 +498,10 @@ def init_app(app: Flask) -> None:
         ),
         # Fail open to per-worker buckets while the shared store is down (module docstring).
         in_memory_fallback=[limit] if shared else None,
-        # Flask-Limiter switches to the fallback on the first store error in a worker; a second
-        # thread whose call failed at the same moment would otherwise answer 500 (seen with
-        # 2 gthread threads when Redis stopped). Swallowed, that one request passes unlimited
-        # and the error is logged: the same fail-open choice.
-        swallow_errors=shared,
+        # Store errors are handled in BucketLimiter._check_request_limit (counted in the
+        # fallback), never swallowed by Flask-Limiter, which would let the request through
+        # uncounted.
+        swallow_errors=False,
         headers_enabled=False,  # Retry-After on 429 is the one header clients are promised
     )
     limiter.request_filter(_not_a_prediction)

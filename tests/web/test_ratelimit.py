@@ -225,3 +225,16 @@ def test_concurrent_requests_never_overspend():
     for thread in threads:
         thread.join()
     assert sum(allowed) == 100
+
+
+def test_a_new_client_is_always_served_whatever_the_clock_reads():
+    """Float rounding never refuses a full bucket: (now + 3600) - 3600 may exceed now by an ulp.
+
+    Before the fix a new client's first request (1/hour, burst 1) was refused at about one
+    clock reading in three.
+    """
+    readings = [612.3 + 0.0137 * i for i in range(2000)] + [1.7e9 + 0.37 * i for i in range(500)]
+    for now in readings:
+        limiter = RateLimiter(1 / 3600, 1, clock=lambda: now)
+        assert limiter.acquire("198.51.100.7") == 0.0, now
+        assert limiter.acquire("198.51.100.7") > 3599.0, now

@@ -143,6 +143,29 @@ def test_redis_going_away_fails_open_to_per_worker_limits(png_bytes, redis_serve
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
+def test_a_request_caught_in_the_switch_to_memory_is_counted(png_bytes, redis_server,
+                                                              monkeypatch):
+    """A store call that fails after another thread switched to the fallback still counts.
+
+    Simulates the race of two gthread threads when Redis stops: this request's Redis call
+    fails after the worker has already been marked as on its in-memory fallback. It must be
+    counted there (burst 1: the next request is refused), not let through uncounted.
+    """
+    from brainmri.web.ratelimit import LIMITER_KEY
+
+    app, _ = limited_app(RATELIMIT_STORAGE_URI=redis_server.url, BRAINMRI_RATE_LIMIT="1/hour",
+                         BRAINMRI_RATE_LIMIT_BURST=1)
+    limiter = app.extensions[LIMITER_KEY]
+    client = app.test_client()
+
+    def fails_after_the_switch(*args, **kwargs):
+        limiter._storage_dead = True  # what the other thread's failure did meanwhile
+        raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(app.extensions[BUCKETS_KEY], "acquire", fails_after_the_switch)
+    assert [post_api(client, png_bytes).status_code for _ in range(2)] == [200, 429]
+
+
 def test_unreachable_redis_at_start_still_serves(png_bytes):
     """A Redis URI nobody listens on: the app starts, serves and limits per worker."""
     from benchmarks.harness import free_port
