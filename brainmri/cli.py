@@ -1,4 +1,5 @@
-"""The `brainmri` command: train, evaluate, compare, calibrate, predict, audit, export; Flask's run.
+"""The `brainmri` command: train, evaluate, compare, calibrate, predict, audit, export, build-cache;
+Flask's run.
 
 TensorFlow is imported inside the commands that need it, so `brainmri --help` and `audit`
 stay fast.
@@ -563,6 +564,36 @@ def audit_command(data: Path, distance: int | None, show: int, cache_dir: Path |
         for path, why in list(dataset.errors.items())[:show]:
             click.echo(f"  {path}: {why}")
 
+
+
+@cli.command("build-cache", with_appcontext=False)
+@click.option("--force", is_flag=True, help="Rebuild caches that are already valid.")
+def build_cache_command(force: bool) -> None:
+    """Build the ONNX copies the workers serve from (gunicorn's start does this when missing).
+
+    One per served model, in BRAINMRI_CACHE_DIR (default ~/.cache/brainmri), named after the
+    .h5's sha256 and checked against Keras; run it at image build time so that no start pays it.
+    """
+    from .inference import onnxengine
+    from .preflight import quiet_tensorflow
+    from .preflight import served_cards
+
+    quiet_tensorflow()
+    try:
+        cards = served_cards()
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for card in cards:
+        record = None if force else onnxengine.read_cache(card)
+        state = "already valid"
+        if record is None:
+            try:
+                record = onnxengine.build_cache(card)
+            except ModelError as exc:
+                click.echo(f"{card.model_path.name}: {exc}")
+                continue
+            state = f"built, largest difference from Keras {record['max_difference']:.1e}"
+        click.echo(f"{card.model_path.name}: {record['folder']} ({state})")
 
 
 @cli.command("export", with_appcontext=False)

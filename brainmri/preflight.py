@@ -3,7 +3,9 @@
 gunicorn's master runs this (``on_starting`` in gunicorn.conf.py) before it opens the port or
 forks a worker. It builds the app exactly as a worker would (same configuration, same model
 folder), which reads every model's metadata and checks its sha256, then opens each .h5 with
-h5py and checks that it holds a Keras model config and weights; it loads no network.
+h5py and checks that it holds a Keras model config and weights. Then it builds any missing ONNX
+cache (`inference.onnxengine`), the one step that imports TensorFlow, so that the workers it
+forks serve from onnxruntime and never do.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from .inference import ModelError
 
-__all__ = ["APP_LOAD_ERROR", "check_models", "main"]
+__all__ = ["APP_LOAD_ERROR", "build_onnx_caches", "check_models", "main", "quiet_tensorflow",
+           "served_cards"]
 
 # gunicorn's "App failed to load" exit status, also used by main.py in the workers.
 APP_LOAD_ERROR = 4
@@ -50,13 +53,73 @@ def check_models() -> str | None:
     return None
 
 
+def served_cards() -> list:
+    """The model cards the app would serve (same configuration as a worker)."""
+    from . import create_app
+    from .web import REGISTRY_KEY
+
+    registry = create_app().extensions.get(REGISTRY_KEY)
+    return [registry.get(name).card for name in registry.names] if registry is not None else []
+
+
+def build_onnx_caches(cards: list, log: logging.Logger) -> str | None:
+    """Build each model's missing ONNX cache (here, so that workers never import TensorFlow).
+
+    A model the ONNX engine cannot serve, or a cache folder that cannot be written, is logged
+    and left to the Keras engine, unless BRAINMRI_ENGINE=onnx, when it is a reason not to start;
+    a model Keras cannot load is always one (the reason is returned).
+    """
+    from .inference import engine_choice
+    from .inference import onnxengine
+
+    choice = engine_choice()
+    if choice == "keras" or not cards:
+        return None
+    if not onnxengine.onnx_available():
+        log.warning("onnxruntime is not installed: workers serve with TensorFlow (slower start, "
+                    "about 800 MiB each)")
+        return "onnxruntime is not installed" if choice == "onnx" else None
+    for card in cards:
+        if onnxengine.read_cache(card) is not None:
+            continue
+        log.info("building the ONNX cache for %s in %s (once per model file)",
+                 card.model_path.name, onnxengine.cache_dir())
+        quiet_tensorflow()
+        try:
+            record = onnxengine.build_cache(card)
+        except (onnxengine.OnnxUnsupported, OSError) as exc:
+            log.warning("%s is served by the Keras engine: %s", card.model_path.name, exc)
+            if choice == "onnx":
+                return str(exc)
+            continue
+        except ModelError as exc:  # Keras cannot read it either: no engine can serve it
+            return str(exc)
+        log.info("ONNX cache for %s ready (largest difference from Keras %.1e)",
+                 card.model_path.name, record["max_difference"])
+    return None
+
+
+def quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up lines off unless BRAINMRI_TF_LOGS=1 (before it is imported)."""
+    import os
+
+    if os.environ.get("BRAINMRI_TF_LOGS") != "1":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 def main() -> int:
-    """Exit status 0 when the models check out, APP_LOAD_ERROR (logged) otherwise."""
+    """Exit status 0 when the models check out (ONNX caches built), APP_LOAD_ERROR otherwise."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("brainmri.preflight")
     problem = check_models()
     if problem is None:
+        try:
+            problem = build_onnx_caches(served_cards(), log)
+        except ModelError as exc:
+            problem = str(exc)
+    if problem is None:
         return 0
-    logging.basicConfig()
-    logging.getLogger("brainmri").critical("BrainMRI cannot start: %s", problem)
+    log.critical("BrainMRI cannot start: %s", problem)
     return APP_LOAD_ERROR
 
 

@@ -32,6 +32,13 @@ from brainmri.web import EXTENSION_KEY
 from brainmri.inference import Explanation
 from brainmri.inference import Prediction
 
+# ONNX serving caches (inference/onnxengine.py) go to a folder of this test session's own, so
+# a test never reads a cache left by the user's app and never writes into ~/.cache; gunicorn
+# servers started by tests inherit it, so each test model is converted once per session.
+_CACHE = Path(__import__("tempfile").mkdtemp(prefix="brainmri-test-onnx-"))
+os.environ["BRAINMRI_CACHE_DIR"] = str(_CACHE)
+__import__("atexit").register(shutil.rmtree, _CACHE, True)
+
 # The real data set: $BRAINMRI_DATA, else ../shared/data/sartaj beside the checkout.
 REAL_DATA = Path(os.environ.get("BRAINMRI_DATA", PROJECT_ROOT.parent / "shared" / "data" / "sartaj"))
 

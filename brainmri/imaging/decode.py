@@ -186,8 +186,15 @@ def colourfulness(pixels: np.ndarray, max_side: int = 256) -> float:
     scale = max_side / max(pixels.shape[:2])
     if scale < 1:
         pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    pixels = pixels.astype(np.float32)
-    return float((pixels.max(axis=2) - pixels.min(axis=2)).mean() / 255.0)
+    # Per-pixel max and min over the channels with OpenCV, in 8 bits, summed as integers: the
+    # same value as NumPy's max(axis=2) - min(axis=2) in float32 (to rounding), in a tenth of
+    # the time (NumPy reduces a 3-long last axis slowly: 6 ms of a 14 ms upload).
+    channels = cv2.split(np.ascontiguousarray(pixels))
+    high, low = channels[0], channels[0]
+    for channel in channels[1:]:
+        high, low = cv2.max(high, channel), cv2.min(low, channel)
+    chroma = cv2.subtract(high, low)
+    return float(int(chroma.sum(dtype=np.uint64)) / (chroma.size * 255.0))
 
 
 def _grey(pixels: np.ndarray) -> np.ndarray:

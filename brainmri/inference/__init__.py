@@ -10,6 +10,7 @@ from . import calibration
 from . import explain
 from . import guardnet
 from . import ood
+from . import onnxengine
 from .explain import heatmap_png
 from .explain import legend_data_uri
 from .explain import overlay_data_uri
@@ -33,9 +34,11 @@ from .ood import NotBrainMRI
 from .ood import OODGuard
 from .ood import Verdict
 from .predictor import DISCLAIMER
+from .predictor import ENGINES
 from .predictor import Explanation
 from .predictor import Prediction
 from .predictor import Predictor
+from .predictor import engine_choice
 from .registry import ModelRegistry
 from .registry import UnknownModel
 from .registry import default_model_path
@@ -46,6 +49,7 @@ from .registry import leakage_free_score
 __all__ = [
     "CLASSES",
     "DISCLAIMER",
+    "ENGINES",
     "PREDICT_COLUMNS",
     "REFUSAL_CODES",
     "TRAIN_HINT",
@@ -67,6 +71,7 @@ __all__ = [
     "csv_row",
     "default_model_path",
     "discover_models",
+    "engine_choice",
     "explain",
     "export",
     "file_sha256",
@@ -77,6 +82,7 @@ __all__ = [
     "metadata_path_for",
     "guardnet",
     "ood",
+    "onnxengine",
     "overlay_data_uri",
     "raybatch",
     "read_model_card",

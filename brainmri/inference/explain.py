@@ -14,6 +14,7 @@ import numpy as np
 __all__ = [
     "COLORMAP",
     "build_functions",
+    "explained_model",
     "find_last_conv_layer",
     "heatmap_png",
     "legend_data_uri",
@@ -46,8 +47,51 @@ def build_functions(model, conv_name: str, input_shape: tuple[int, int, int]):
         score differentiated is the pre-softmax logit when the model ends in a softmax Dense
         layer (the usual Grad-CAM choice), else log p.
     """
-    import keras
     import tensorflow as tf
+
+    multi, head, softmax_dense = _explained(model, conv_name, input_shape)
+    spec = tf.TensorSpec((None, *input_shape), tf.float32)
+
+    def class_scores(pre, probs):
+        if softmax_dense:
+            logits = tf.matmul(pre, head.kernel)
+            return logits + head.bias if head.use_bias else logits
+        return tf.math.log(probs + 1e-12)
+
+    # autograph=False: plain TensorFlow code needs no conversion, and autograph would leave
+    # __autograph_generated_file*.py files in the temp folder at every worker start.
+    @tf.function(input_signature=[spec], reduce_retracing=True, autograph=False)
+    def forward(x):
+        conv_out, probs, *_ = multi(x, training=False)
+        return probs, tf.reduce_mean(conv_out, axis=[1, 2])
+
+    @tf.function(input_signature=[spec, tf.TensorSpec((None,), tf.int32)], reduce_retracing=True,
+                 autograph=False)
+    def gradcam(x, class_index):
+        with tf.GradientTape() as tape:
+            conv_out, probs, *rest = multi(x, training=False)
+            tape.watch(conv_out)
+            scores = class_scores(rest[0] if rest else None, probs)
+            chosen = tf.gather(scores, class_index, axis=1, batch_dims=1)
+        grads = tape.gradient(chosen, conv_out)
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * conv_out, axis=-1, keepdims=True))
+        cam = tf.image.resize(cam, input_shape[:2], method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+        cam = tf.math.divide_no_nan(cam, peak)
+        return cam, probs
+
+    return forward, gradcam
+
+
+def explained_model(model, conv_name: str, input_shape: tuple[int, int, int]):
+    """A Keras model over the same layers whose outputs start [conv activations, softmax]."""
+    return _explained(model, conv_name, input_shape)[0]
+
+
+def _explained(model, conv_name: str, input_shape: tuple[int, int, int]):
+    """(multi-output model, last layer, whether it is a softmax Dense) for `build_functions`."""
+    import keras
 
     head = model.layers[-1]
     softmax_dense = (isinstance(head, keras.layers.Dense)
@@ -66,35 +110,7 @@ def build_functions(model, conv_name: str, input_shape: tuple[int, int, int]):
         pre_head = head.input
     outputs = [conv, output] + ([pre_head] if softmax_dense else [])
     multi = keras.Model(model_inputs, outputs, name=f"{model.name}_explain")
-    spec = tf.TensorSpec((None, *input_shape), tf.float32)
-
-    def class_scores(pre, probs):
-        if softmax_dense:
-            logits = tf.matmul(pre, head.kernel)
-            return logits + head.bias if head.use_bias else logits
-        return tf.math.log(probs + 1e-12)
-
-    @tf.function(input_signature=[spec], reduce_retracing=True)
-    def forward(x):
-        conv_out, probs, *_ = multi(x, training=False)
-        return probs, tf.reduce_mean(conv_out, axis=[1, 2])
-
-    @tf.function(input_signature=[spec, tf.TensorSpec((None,), tf.int32)], reduce_retracing=True)
-    def gradcam(x, class_index):
-        with tf.GradientTape() as tape:
-            conv_out, probs, *rest = multi(x, training=False)
-            tape.watch(conv_out)
-            scores = class_scores(rest[0] if rest else None, probs)
-            chosen = tf.gather(scores, class_index, axis=1, batch_dims=1)
-        grads = tape.gradient(chosen, conv_out)
-        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * conv_out, axis=-1, keepdims=True))
-        cam = tf.image.resize(cam, input_shape[:2], method="bilinear")[..., 0]
-        peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
-        cam = tf.math.divide_no_nan(cam, peak)
-        return cam, probs
-
-    return forward, gradcam
+    return multi, head, softmax_dense
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -1,7 +1,7 @@
 """Wrap the saved Keras CNN (.h5) and return per-class softmax confidences with the disclaimer.
 
-This and `training.py` are the only modules that import TensorFlow, and only when a model is
-loaded, so the gunicorn master and the fast tests never pay for it.
+TensorFlow is imported only when a model is served by the Keras engine (or its Keras model is
+asked for), so the gunicorn master, the workers (ONNX engine) and the fast tests never pay for it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .modelcard import ModelCard
 from .modelcard import ModelError
 from .modelcard import read_model_card
 
-__all__ = ["DISCLAIMER", "Explanation", "Prediction", "Predictor"]
+__all__ = ["DISCLAIMER", "ENGINES", "Explanation", "Prediction", "Predictor", "engine_choice"]
 
 DISCLAIMER = (
     "For research and education only. This is not a medical device and not a diagnosis; "
@@ -85,27 +85,49 @@ def configure_tensorflow_threads() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-class Predictor:
-    """Loads the CNN once per process and serialises calls into TensorFlow."""
+ENGINES = ("auto", "onnx", "keras")
 
-    def __init__(self, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+
+def engine_choice() -> str:
+    """BRAINMRI_ENGINE: "auto" (ONNX when its cache is there, else Keras), "onnx" or "keras"."""
+    choice = os.environ.get("BRAINMRI_ENGINE", "auto").strip().lower() or "auto"
+    if choice not in ENGINES:
+        raise ModelError(f"BRAINMRI_ENGINE is {choice!r}; choose one of {', '.join(ENGINES)}.")
+    return choice
+
+
+class Predictor:
+    """Loads the CNN once per process and serialises calls into it.
+
+    Two engines run the same network: onnxruntime on the ONNX copy cached from the .h5
+    (`onnxengine`: no TensorFlow in the process, what gunicorn workers use) and Keras on the .h5
+    itself (training, evaluation, and any model the ONNX engine cannot serve).
+    """
+
+    def __init__(self, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 engine: str | None = None) -> None:
         self.card = card
         self.max_pixels = max_pixels
+        self.requested_engine = engine
+        self.engine: str | None = None  # "onnx" or "keras" once loaded
+        self._onnx = None
         self._model = None
         self._infer = None
         self._forward = None
         self._gradcam = None
         self.conv_layer: str | None = None
+        self.load_seconds: float | None = None
         self._lock = threading.Lock()
 
     @classmethod
-    def from_path(cls, model_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
+    def from_path(cls, model_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  engine: str | None = None) -> Predictor:
         """Validate the model's metadata (cheap, no TensorFlow) and return an unloaded predictor.
 
         Raises:
             ModelError: missing model, missing/invalid metadata or sha256 mismatch.
         """
-        return cls(read_model_card(Path(model_path)), max_pixels=max_pixels)
+        return cls(read_model_card(Path(model_path)), max_pixels=max_pixels, engine=engine)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -120,67 +142,112 @@ class Predictor:
     @property
     def ready(self) -> bool:
         """True once the model is loaded and warmed up."""
-        return self._infer is not None
+        return self.engine is not None
 
     def load(self) -> None:
-        """Load the .h5 (compile=False), check it against its metadata and run a warm-up.
+        """Load the model on its engine (ONNX cache or .h5) and run a warm-up.
 
         Raises:
-            ModelError: the file is not a loadable Keras model or disagrees with its metadata.
+            ModelError: the file is not a loadable Keras model or disagrees with its metadata,
+                or BRAINMRI_ENGINE=onnx and the model has no valid ONNX cache.
         """
-        with self._lock:
-            if self._infer is not None:
-                return
-            configure_tensorflow_threads()
-            import keras
-            import tensorflow as tf
+        import time
 
-            try:
-                model = keras.saving.load_model(self.card.model_path, compile=False)
-            except Exception as exc:  # h5py/keras raise many types for a bad file
+        with self._lock:
+            if self.engine is not None:
+                return
+            started = time.perf_counter()
+            choice = self.requested_engine or engine_choice()
+            if choice != "keras" and self._load_onnx():
+                self.engine = "onnx"
+            elif choice == "onnx":
                 raise ModelError(
-                    f"{self.card.model_path.name} could not be loaded as a Keras model "
-                    f"({type(exc).__name__})."
-                ) from exc
-            outputs = model.output_shape[-1]
-            if outputs != len(self.labels):
-                raise ModelError(
-                    f"{self.card.model_path.name} has {outputs} outputs but its metadata lists "
-                    f"{len(self.labels)} classes."
-                )
-            expected = (self.input_size, self.input_size, self.card.channels)
-            if tuple(model.input_shape[1:]) != expected:
-                raise ModelError(
-                    f"{self.card.model_path.name} takes inputs {model.input_shape[1:]} but its "
-                    f"metadata says {expected}."
-                )
+                    f"{self.card.model_path.name} has no valid ONNX cache (BRAINMRI_ENGINE=onnx); "
+                    "build it with `brainmri build-cache`, or let gunicorn's start build it.")
+            else:
+                self._load_keras()
+                self.engine = "keras"
+            self.load_seconds = time.perf_counter() - started
+
+    def _load_onnx(self) -> bool:
+        """Serve from the ONNX cache when onnxruntime is installed and the cache checks out."""
+        from . import onnxengine
+
+        if not onnxengine.onnx_available():
+            return False
+        engine = onnxengine.OnnxEngine.load(self.card)
+        if engine is None:
+            return False
+        shape = (self.input_size, self.input_size, self.card.channels)
+        engine.gradcam(np.zeros((1, *shape), np.float32), np.zeros(1, np.int64))  # warm-up
+        self._onnx = engine
+        self.conv_layer = str(onnxengine.read_cache(self.card)["explained_layer"])
+        return True
+
+    def _load_keras(self) -> None:
+        model = self._read_keras()
+        import tensorflow as tf
+
+        expected = (self.input_size, self.input_size, self.card.channels)
+        # One extra model over the same layers: softmax plus the last conv block, for the
+        # OOD feature distance and Grad-CAM (explain.py), traced and warmed up here.
+        from . import explain
+
+        conv = explain.find_last_conv_layer(model, self.card.raw.get("last_conv_layer"))
+        zeros = np.zeros((1, *expected), np.float32)
+        if conv is not None:
+            self._forward, self._gradcam = explain.build_functions(model, conv, expected)
+            self._forward(zeros)
+            self._gradcam(zeros, np.zeros(1, np.int32))
+            # Softmax comes from the same traced function: one trace fewer at start-up.
+            forward = self._forward
+            self._infer = lambda x: forward(x)[0]
+        else:
             # A traced function with a fixed signature: no retracing, a few ms per call,
-            # and no Model.predict() memory growth (tensorflow#33009).
-            infer = tf.function(
+            # and no Model.predict() memory growth (tensorflow#33009). autograph=False: no
+            # generated files in the temp folder.
+            self._infer = tf.function(
                 lambda x: model(x, training=False),
                 input_signature=[tf.TensorSpec((None, *expected), tf.float32)],
-                reduce_retracing=True,
+                reduce_retracing=True, autograph=False,
             )
-            infer(np.zeros((1, *expected), np.float32))  # warm-up: trace + allocate
-            # One extra model over the same layers: softmax plus the last conv block, for the
-            # OOD feature distance and Grad-CAM (explain.py), traced and warmed up here too.
-            from . import explain
+            self._infer(zeros)  # warm-up: trace + allocate
+        self.conv_layer = conv
 
-            conv = explain.find_last_conv_layer(model, self.card.raw.get("last_conv_layer"))
-            if conv is not None:
-                self._forward, self._gradcam = explain.build_functions(model, conv, expected)
-                zeros = np.zeros((1, *expected), np.float32)
-                self._forward(zeros)
-                self._gradcam(zeros, np.zeros(1, np.int32))
-            self.conv_layer = conv
-            self._model = model
-            self._infer = infer
+    def _read_keras(self):
+        """The .h5 as a Keras model (once), checked against the metadata."""
+        if self._model is not None:
+            return self._model
+        configure_tensorflow_threads()
+        import keras
+
+        try:
+            model = keras.saving.load_model(self.card.model_path, compile=False)
+        except Exception as exc:  # h5py/keras raise many types for a bad file
+            raise ModelError(
+                f"{self.card.model_path.name} could not be loaded as a Keras model "
+                f"({type(exc).__name__})."
+            ) from exc
+        outputs = model.output_shape[-1]
+        if outputs != len(self.labels):
+            raise ModelError(
+                f"{self.card.model_path.name} has {outputs} outputs but its metadata lists "
+                f"{len(self.labels)} classes."
+            )
+        expected = (self.input_size, self.input_size, self.card.channels)
+        if tuple(model.input_shape[1:]) != expected:
+            raise ModelError(
+                f"{self.card.model_path.name} takes inputs {model.input_shape[1:]} but its "
+                f"metadata says {expected}."
+            )
+        self._model = model
+        return model
 
     @property
     def keras_model(self):
-        """The loaded Keras model (loads it on first use)."""
-        self.load()
-        return self._model
+        """The Keras model from the .h5 (read on first use, whichever engine serves)."""
+        with self._lock:
+            return self._read_keras()
 
     @property
     def temperature(self) -> float:
@@ -223,6 +290,8 @@ class Predictor:
         batch = np.asarray(images, np.float32)
         if batch.ndim == 3:
             batch = batch[None, ...]
+        if self._onnx is not None:
+            return self._onnx.forward(batch)[0]
         with self._lock:  # TF/Keras calls are not guaranteed thread-safe
             return np.asarray(self._infer(batch))
 
@@ -232,6 +301,8 @@ class Predictor:
         batch = np.asarray(images, np.float32)
         if batch.ndim == 3:
             batch = batch[None, ...]
+        if self._onnx is not None:
+            return self._onnx.forward(batch)
         if self._forward is None:
             return self.predict_arrays(batch), None
         with self._lock:
@@ -301,9 +372,16 @@ class Predictor:
             ModelError: the model has no convolutional layer to explain.
         """
         self.load()
+        batch = np.asarray(image, np.float32)[None, ...]
+        if self._onnx is not None:
+            if label is None:
+                index = int(np.argmax(self._onnx.forward(batch)[0][0]))
+            else:
+                index = self.labels.index(label)
+            cam, _ = self._onnx.gradcam(batch, np.array([index]))
+            return Explanation(cam[0], self.labels[index], self.conv_layer)
         if self._gradcam is None:
             raise ModelError(f"{self.card.model_path.name} has no convolutional layer for Grad-CAM.")
-        batch = np.asarray(image, np.float32)[None, ...]
         with self._lock:
             if label is None:
                 probs, _ = self._forward(batch)
@@ -320,6 +398,8 @@ class Predictor:
             ModelError: the model has no convolutional layer to explain.
         """
         self.load()
+        if self._onnx is not None:
+            return self._onnx.gradcam(np.asarray(images, np.float32), np.asarray(class_indices))[0]
         if self._gradcam is None:
             raise ModelError(f"{self.card.model_path.name} has no convolutional layer for Grad-CAM.")
         with self._lock:

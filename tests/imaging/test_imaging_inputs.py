@@ -194,3 +194,19 @@ def test_png_with_many_chunks_and_trailing_bytes_still_decodes():
     chunk = struct.pack(">I", len(text) - 4) + text + struct.pack(">I", zlib.crc32(text))
     with_text = data[:33] + chunk * 50 + data[33:] + b"trailing garbage"
     assert decode_image(with_text).shape == (48, 48)
+
+
+def test_colourfulness_gives_numpys_value():
+    """colourfulness reduces the channels with OpenCV: the same value as NumPy's, to rounding."""
+    from brainmri.imaging.decode import colourfulness
+
+    rng = np.random.default_rng(5)
+    for shape in [(300, 517, 3), (64, 64, 3), (1000, 40, 3)]:
+        bgr = rng.integers(0, 256, shape, dtype=np.uint8)
+        small = bgr if max(shape[:2]) <= 256 else cv2.resize(
+            bgr, None, fx=256 / max(shape[:2]), fy=256 / max(shape[:2]),
+            interpolation=cv2.INTER_AREA)
+        wide = small.astype(np.float64)
+        reference = (wide.max(axis=2) - wide.min(axis=2)).mean() / 255.0
+        assert colourfulness(bgr) == pytest.approx(reference, abs=1e-9)
+    assert colourfulness(np.full((40, 40, 3), 7, np.uint8)) == 0.0
