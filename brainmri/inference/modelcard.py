@@ -21,6 +21,7 @@ __all__ = [
     "ModelError",
     "file_sha256",
     "metadata_path_for",
+    "read_keras_model",
     "read_model_card",
     "write_model_card",
 ]
@@ -149,3 +150,28 @@ def write_model_card(model_path: Path, metadata: dict[str, Any]) -> Path:
     meta_path = metadata_path_for(model_path)
     meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return meta_path
+
+
+def read_keras_model(card: ModelCard):
+    """The card's .h5 as a Keras model (compile=False), checked against the metadata's shapes.
+
+    Imports TensorFlow. Raises:
+        ModelError: the file is not a loadable Keras model or disagrees with its metadata.
+    """
+    import keras
+
+    name = card.model_path.name
+    try:
+        model = keras.saving.load_model(card.model_path, compile=False)
+    except Exception as exc:  # h5py/keras raise many types for a bad file
+        raise ModelError(f"{name} could not be loaded as a Keras model "
+                         f"({type(exc).__name__}).") from exc
+    outputs = model.output_shape[-1]
+    if outputs != len(card.classes):
+        raise ModelError(f"{name} has {outputs} outputs but its metadata lists "
+                         f"{len(card.classes)} classes.")
+    expected = (card.input_size, card.input_size, card.channels)
+    if tuple(model.input_shape[1:]) != expected:
+        raise ModelError(f"{name} takes inputs {model.input_shape[1:]} but its metadata says "
+                         f"{expected}.")
+    return model

@@ -38,6 +38,7 @@ import numpy as np
 
 from .modelcard import ModelCard
 from .modelcard import ModelError
+from .modelcard import read_keras_model
 
 __all__ = [
     "ENGINE_FORMAT",
@@ -148,9 +149,7 @@ def build_cache(card: ModelCard, root: Path | None = None, model=None) -> dict:
     from . import explain
 
     if model is None:
-        from .predictor import Predictor
-
-        model = Predictor(card, engine="keras")._read_keras()  # its checks and messages
+        model = read_keras_model(card)
     conv = explain.find_last_conv_layer(model, card.raw.get("last_conv_layer"))
     head = _explained_head(model, conv) if conv else None
     if head is None:

@@ -27,6 +27,7 @@ from .ood import OODGuard
 from .modelcard import CLASSES
 from .modelcard import ModelCard
 from .modelcard import ModelError
+from .modelcard import read_keras_model
 from .modelcard import read_model_card
 
 __all__ = ["DISCLAIMER", "ENGINES", "Explanation", "Prediction", "Predictor", "engine_choice"]
@@ -215,33 +216,11 @@ class Predictor:
         self.conv_layer = conv
 
     def _read_keras(self):
-        """The .h5 as a Keras model (once), checked against the metadata."""
-        if self._model is not None:
-            return self._model
-        configure_tensorflow_threads()
-        import keras
-
-        try:
-            model = keras.saving.load_model(self.card.model_path, compile=False)
-        except Exception as exc:  # h5py/keras raise many types for a bad file
-            raise ModelError(
-                f"{self.card.model_path.name} could not be loaded as a Keras model "
-                f"({type(exc).__name__})."
-            ) from exc
-        outputs = model.output_shape[-1]
-        if outputs != len(self.labels):
-            raise ModelError(
-                f"{self.card.model_path.name} has {outputs} outputs but its metadata lists "
-                f"{len(self.labels)} classes."
-            )
-        expected = (self.input_size, self.input_size, self.card.channels)
-        if tuple(model.input_shape[1:]) != expected:
-            raise ModelError(
-                f"{self.card.model_path.name} takes inputs {model.input_shape[1:]} but its "
-                f"metadata says {expected}."
-            )
-        self._model = model
-        return model
+        """The .h5 as a Keras model (read once), checked against the metadata."""
+        if self._model is None:
+            configure_tensorflow_threads()
+            self._model = read_keras_model(self.card)
+        return self._model
 
     @property
     def keras_model(self):
