@@ -194,3 +194,22 @@ def test_preflight_builds_missing_caches_once(models, cache):
     hidden = preflight(models[1])
     assert hidden.returncode == 0, hidden.stderr[-2000:]
     assert "hidden.h5 is served by the Keras engine" in hidden.stderr
+
+
+def test_loading_on_keras_leaves_no_autograph_files(models, cache):
+    """The Keras engine's traced functions are not autograph-converted: nothing left in /tmp.
+
+    Autograph wrote about ten ``__autograph_generated_file*.py`` files per worker start and
+    never removed them; with max_requests recycling they piled up.
+    """
+    import tempfile
+
+    def generated() -> set[str]:
+        return {name for name in os.listdir(tempfile.gettempdir())
+                if name.startswith("__autograph_generated_file")}
+
+    before = generated()
+    predictor = Predictor.from_path(models[0], engine="keras")
+    predictor.load()
+    predictor.explain(_probe(1)[0])
+    assert generated() - before == set()
