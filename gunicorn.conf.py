@@ -1,6 +1,19 @@
-"""Gunicorn settings; gunicorn reads ./gunicorn.conf.py by default (``uv run gunicorn``)."""
+"""Gunicorn settings; gunicorn reads ./gunicorn.conf.py by default (``uv run gunicorn``).
 
+Besides the settings: the master keeps the folder in which the workers' Prometheus metrics are
+added up (PROMETHEUS_MULTIPROC_DIR, README "Metrics").
+
+The master must not import the app's libraries before forking (TensorFlow is not fork-safe, and
+prometheus_client picks its single- or multiprocess mode when first imported), so nothing here
+imports ``brainmri``; prometheus_client is imported only once the folder is set.
+"""
+
+import atexit
+import glob
 import os
+import shutil
+import sys
+import tempfile
 
 
 def _cpu_count() -> int:
@@ -43,6 +56,36 @@ max_requests_jitter = 2500
 # URLs only; nothing identifying ever goes into a query string.
 accesslog = "-"
 
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set to the folder this file created, so a master can tell its own from the operator's.
+_OWNED_ENV = "BRAINMRI_METRICS_DIR_CREATED"
+
+
+def _remove_metrics_dir(path, owner_pid):
+    # atexit runs in the workers too (they leave through SystemExit): only the master removes.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _prepare_metrics_dir():
+    """A fresh folder for this master's workers' metrics, unless the operator named one.
+
+    The operator's folder is emptied of prometheus-client's files instead: values from an
+    earlier run would otherwise be added to this one's. A master started by ``kill -USR2``
+    inherits its parent's folder in the environment and takes a new one of its own.
+    """
+    given = os.environ.get(_MULTIPROC_ENV)
+    if given and os.environ.get(_OWNED_ENV) != given:
+        os.makedirs(given, exist_ok=True)
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+        return
+    path = tempfile.mkdtemp(prefix="brainmri-metrics-")
+    os.environ[_MULTIPROC_ENV] = path
+    os.environ[_OWNED_ENV] = path
+    # atexit, not on_exit: it also runs when the master stops on an unhandled error.
+    atexit.register(_remove_metrics_dir, path, os.getpid())
+
 
 def on_starting(server):
     """Check every model's files (metadata, sha256) before the port opens or a worker forks.
@@ -54,8 +97,15 @@ def on_starting(server):
     stops every worker (exit 4) and the master (exit 4, or 1 in that race).
     """
     import subprocess
-    import sys
 
     if subprocess.run([sys.executable, "-m", "brainmri.preflight"]).returncode != 0:
         raise SystemExit(4)
+    _prepare_metrics_dir()  # before the first fork, so every worker inherits it
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (its counters stay in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
