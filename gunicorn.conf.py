@@ -1,7 +1,9 @@
 """Gunicorn settings; gunicorn reads ./gunicorn.conf.py by default (``uv run gunicorn``).
 
-Besides the settings: the master keeps the folder in which the workers' Prometheus metrics are
-added up (PROMETHEUS_MULTIPROC_DIR, README "Metrics").
+Besides the settings: TensorFlow's C++ logs are off in the workers (BRAINMRI_TF_LOGS=1 turns
+them on), every line gunicorn writes is logfmt or JSON like the app's (BRAINMRI_LOG_FORMAT), and
+the master keeps the folder in which the workers' Prometheus metrics are added up
+(PROMETHEUS_MULTIPROC_DIR, README "Metrics").
 
 The master must not import the app's libraries before forking (TensorFlow is not fork-safe, and
 prometheus_client picks its single- or multiprocess mode when first imported), so nothing here
@@ -10,10 +12,15 @@ imports ``brainmri``; prometheus_client is imported only once the folder is set.
 
 import atexit
 import glob
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+from logging.handlers import SysLogHandler
+from pathlib import Path
+
+from gunicorn.glogging import Logger as _GunicornLogger
 
 
 def _cpu_count() -> int:
@@ -41,6 +48,14 @@ threads = int(os.environ.get("GUNICORN_THREADS", "2"))
 # (tensorflow#57812: thread counts cannot change after initialisation).
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+# TensorFlow's C++ side logs oneDNN, CPU-feature and allocator notes to stderr at INFO; read when
+# TensorFlow loads, so set here for the workers. BRAINMRI_TF_LOGS=1 shows everything.
+if os.environ.get("BRAINMRI_TF_LOGS") == "1":
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+else:
+    # 3 hides its ERROR lines too; the failures that matter here (a model that will not load)
+    # reach the app as Python exceptions and are logged there.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 # NEVER True with TensorFlow: the model must load in each worker after fork (gunicorn#1891).
 preload_app = False
@@ -53,8 +68,58 @@ graceful_timeout = 30
 # limit spreads the restarts so one worker is almost always up.
 max_requests = 5000
 max_requests_jitter = 2500
-# URLs only; nothing identifying ever goes into a query string.
+# Paths only (no query string, client address, referrer or user agent): nothing identifying.
 accesslog = "-"
+# logfmt pairs (JsonFormatter makes them JSON fields); the request id ties the line to the
+# app's own lines for that request. The pid is in every line's header.
+_ACCESS_LOG_FORMAT = (
+    "request method=%(m)s path=%(U)s status=%(s)s bytes=%(B)s duration_ms=%(M)s "
+    "request_id=%({x-request-id}o)s"
+)
+access_log_format = _ACCESS_LOG_FORMAT
+
+
+def _load_logformat():
+    """brainmri/web/logformat.py, loaded by its path (importing brainmri would pull in Flask)."""
+    path = Path(__file__).resolve().parent / "brainmri" / "web" / "logformat.py"
+    spec = importlib.util.spec_from_file_location("_brainmri_logformat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_logformat = _load_logformat()
+_LOG_FORMAT = _logformat.format_from_env()  # an unknown name stops gunicorn here
+
+
+class StructuredLogger(_GunicornLogger):
+    """gunicorn's logger writing BRAINMRI_LOG_FORMAT lines, with no access line for /metrics."""
+
+    def setup(self, cfg):
+        """gunicorn's handlers (--error-logfile, --access-logfile), with our line format.
+
+        An access line in a format of the operator's own (--access-logformat) is written as
+        that format makes it, like gunicorn does.
+        """
+        super().setup(cfg)
+        line = _logformat.formatter(_LOG_FORMAT)
+        logs = [self.error_log]
+        if cfg.access_log_format == _ACCESS_LOG_FORMAT:
+            logs.append(self.access_log)
+        for log in logs:
+            for handler in log.handlers:
+                # syslog keeps gunicorn's format: it carries the prefix syslog routes on.
+                if getattr(handler, "_gunicorn", False) and not isinstance(handler, SysLogHandler):
+                    handler.setFormatter(line)
+
+    def access(self, resp, req, environ, request_time):
+        """One line per request, except the scraper's every-15-seconds GET /metrics."""
+        if environ.get("PATH_INFO") == "/metrics":
+            return
+        super().access(resp, req, environ, request_time)
+
+
+logger_class = StructuredLogger
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Set to the folder this file created, so a master can tell its own from the operator's.

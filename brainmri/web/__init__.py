@@ -7,6 +7,7 @@ imports it; `brainmri.create_app` wires these modules into the app.
 from . import api
 from . import descriptions
 from . import errors
+from . import logformat
 from . import logs
 from . import metrics
 from . import models
@@ -25,6 +26,7 @@ __all__ = [
     "api",
     "descriptions",
     "errors",
+    "logformat",
     "logs",
     "metrics",
     "models",
