@@ -1,9 +1,9 @@
 """Gunicorn settings; gunicorn reads ./gunicorn.conf.py by default (``uv run gunicorn``).
 
 Besides the settings: TensorFlow's C++ logs are off in the workers (BRAINMRI_TF_LOGS=1 turns
-them on), every line gunicorn writes is logfmt or JSON like the app's (BRAINMRI_LOG_FORMAT), and
-the master keeps the folder in which the workers' Prometheus metrics are added up
-(PROMETHEUS_MULTIPROC_DIR, README "Metrics").
+them on), every line gunicorn writes is logfmt or JSON like the app's (BRAINMRI_LOG_FORMAT), the
+responses carry no ``Server`` header, and the master keeps the folder in which the workers'
+Prometheus metrics are added up (PROMETHEUS_MULTIPROC_DIR, README "Metrics").
 
 The master must not import the app's libraries before forking (TensorFlow is not fork-safe, and
 prometheus_client picks its single- or multiprocess mode when first imported), so nothing here
@@ -152,6 +152,30 @@ def _prepare_metrics_dir():
     atexit.register(_remove_metrics_dir, path, os.getpid())
 
 
+def _drop_server_header():
+    """Send no ``Server`` header (gunicorn has no setting for it; benoitc/gunicorn#825).
+
+    gunicorn writes ``Server: gunicorn`` in ``Response.default_headers`` whatever the app sets
+    (an app's own Server header is sent beside it), so the line is filtered out there. Checked
+    against a real server by tests/web/test_metrics.py.
+    """
+    from gunicorn.http import wsgi
+
+    original = getattr(wsgi.Response, "default_headers", None)
+    if original is None:
+        sys.stderr.write("gunicorn.conf.py: gunicorn.http.wsgi.Response.default_headers is gone; "
+                         "responses carry gunicorn's Server header\n")
+        return
+    if getattr(original, "drops_server_header", False):
+        return
+
+    def default_headers(self):
+        return [line for line in original(self) if not line.lower().startswith("server:")]
+
+    default_headers.drops_server_header = True
+    wsgi.Response.default_headers = default_headers
+
+
 def on_starting(server):
     """Check every model's files (metadata, sha256) before the port opens or a worker forks.
 
@@ -165,7 +189,9 @@ def on_starting(server):
 
     if subprocess.run([sys.executable, "-m", "brainmri.preflight"]).returncode != 0:
         raise SystemExit(4)
-    _prepare_metrics_dir()  # before the first fork, so every worker inherits it
+    # Before the first fork, so every worker inherits both.
+    _prepare_metrics_dir()
+    _drop_server_header()
 
 
 def child_exit(server, worker):

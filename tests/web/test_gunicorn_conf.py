@@ -1,4 +1,4 @@
-"""gunicorn.conf.py beyond its settings: TF logs, log lines and the metrics folder.
+"""gunicorn.conf.py beyond its settings: TF logs, log lines, the metrics folder, no Server header.
 
 The config file is run in this process (as gunicorn runs it in the master), with every
 variable it sets put back afterwards. The real server is in test_metrics.py.
@@ -174,3 +174,29 @@ def test_child_exit_drops_a_dead_workers_live_gauges(load, tmp_path):
     conf["child_exit"](None, Worker())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_321.db",
                                                          "gauge_livemax_322.db"]
+
+
+def test_no_server_header(load, monkeypatch):
+    """gunicorn's Server line is filtered from the headers it adds, once however often applied."""
+    from gunicorn.http import wsgi
+
+    monkeypatch.setattr(wsgi.Response, "default_headers", wsgi.Response.default_headers)
+    conf = load()
+    conf["_drop_server_header"]()
+    patched = wsgi.Response.default_headers
+    conf["_drop_server_header"]()
+    assert wsgi.Response.default_headers is patched
+
+    class Request:
+        version = (1, 1)
+        method = "GET"
+
+        def should_close(self):
+            return False
+
+    response = wsgi.Response(Request(), None, None)
+    response.status, response.status_code, response.response_length = "200 OK", 200, 2
+    headers = response.default_headers()
+    assert headers[0] == "HTTP/1.1 200 OK\r\n"
+    assert not [line for line in headers if line.lower().startswith("server:")]
+    assert any(line.startswith("Date: ") for line in headers)
