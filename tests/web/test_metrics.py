@@ -2,13 +2,18 @@
 
 The fast tests use the Flask test client and the fake predictor. prometheus-client's default
 registry lives as long as the test process, so they compare values before and after. Then the
-multiprocess mode in separate processes sharing one folder.
+multiprocess mode in separate processes sharing one folder, and last two real gunicorn workers
+(slow: a tiny Keras model).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +33,7 @@ from conftest import encode
 from conftest import synthetic_slice
 from test_ratelimit import limited_app
 from test_ratelimit import post_api
+from test_ratelimit_redis import tiny_model  # noqa: F401  (a fixture: a small real .h5)
 
 
 def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -247,3 +253,113 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path):
                  **{"class": "glioma"}) == 6
     assert value(samples, "brainmri_model_load_seconds", model="fake-cnn") >= 0
     assert list(tmp_path.glob("counter_*.db"))
+
+
+# --- two real gunicorn workers --------------------------------------------------------------
+
+_ACCESS = re.compile(r"\bpid=(\d+) request method=(\S+) path=(\S+) status=(\d{3})")
+_LINE = re.compile(r'^ts=\S+Z level=[a-z]+ logger=\S+ pid=\d+ (\S+=|[a-z])')
+# TensorFlow 2.21 writes these through absl before it reads TF_CPP_MIN_LOG_LEVEL; nothing but
+# turning oneDNN off (other numerics) silences them.
+_TF_UNSILENCEABLE = re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\)|"
+                               r"^I0000 00:00:\S+ +\d+ port\.cc:\d+\] oneDNN custom operations")
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    """One request on its own connection; the response is read and the connection closed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body, headers or {})
+        response = conn.getresponse()
+        response.body = response.read()
+        return response
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_two_gunicorn_workers_count_everything_and_say_no_server(tiny_model, tmp_path):
+    """2 workers: requests answered by each, /metrics from either counts all of them.
+
+    Each worker in turn is stopped (SIGSTOP) while requests are sent, so the other one accepts
+    them all: which worker answers is then known, not left to the kernel. No response carries
+    a Server header, every gunicorn and app log line is logfmt, scrapes are not in the access
+    log, and the metrics folder the master made is gone after it stops.
+    """
+    from benchmarks.harness import GunicornServer
+    from benchmarks.harness import multipart
+
+    access_log = tmp_path / "access.log"
+    scratch = tmp_path / "tmp"  # where the master makes its metrics folder (tempfile)
+    scratch.mkdir()
+    env = {"FLASK_BRAINMRI_MODEL_PATH": json.dumps(str(tiny_model)), "TMPDIR": str(scratch)}
+    server = GunicornServer(env, 2, ["--access-logfile", str(access_log)])
+    # The defaults are under test, not whatever the environment running the tests sets.
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "BRAINMRI_LOG_FORMAT", "BRAINMRI_TF_LOGS"):
+        server.env.pop(name, None)
+    body, content_type = multipart(encode(synthetic_slice()), "scan.png", "image/png")
+
+    def predict(port: int) -> int:
+        return _request(port, "POST", "/api/v1/predict", body, {"Content-Type": content_type}).status
+
+    def metrics(port: int) -> dict:
+        response = _request(port, "GET", "/metrics")
+        assert response.status == 200 and response.getheader("Server") is None
+        return parse(response.body.decode())
+
+    with server:
+        server.wait_ready(2, timeout=300)
+        made = list(scratch.glob("brainmri-metrics-*"))
+        assert len(made) == 1 and made[0].is_dir()
+        pids = sorted(server.ready_pids())
+        assert len(pids) == 2
+        answered: dict[int, int] = {}
+        scraped = []
+        for stopped, serving in ((pids[0], pids[1]), (pids[1], pids[0])):
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                statuses = [predict(server.port) for _ in range(3)]
+                assert statuses == [200, 200, 200], server.log[-3000:]
+                answered[serving] = 3
+                scraped.append(metrics(server.port))  # answered by `serving`
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+
+        # The access log says who answered: each worker 3 predictions (no /metrics lines).
+        lines = [m.groups() for m in map(_ACCESS.search, access_log.read_text().splitlines()) if m]
+        by_pid = {}
+        for pid, method, path, status in lines:
+            assert path != "/metrics"
+            if path == "/api/v1/predict":
+                by_pid[int(pid)] = by_pid.get(int(pid), 0) + 1
+        assert by_pid == answered
+
+        # What worker B scraped after A's requests includes them, and the reverse.
+        first, second = scraped
+        assert value(first, "brainmri_http_requests_total", route="/api/v1/predict",
+                     status="200") == 3
+        assert value(second, "brainmri_http_requests_total", route="/api/v1/predict",
+                     status="200") == 6
+        assert sum(value(second, "brainmri_predictions_total", model="ratelimit-tiny",
+                         **{"class": c}) for c in CLASSES) == 6
+        assert value(second, "brainmri_http_requests_total", route="/metrics", status="200") == 1
+        assert value(second, "brainmri_model_load_seconds", model="ratelimit-tiny") > 0
+
+        # No Server header on anything: pages, static, favicon, probes, errors.
+        for method, path in (("GET", "/"), ("GET", "/static/css/app.css"), ("GET", "/favicon.ico"),
+                             ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/nowhere"),
+                             ("DELETE", "/api/v1/predict")):
+            response = _request(server.port, method, path)
+            assert response.status < 500, (path, response.status)
+            assert response.getheader("Server") is None, (path, response.getheaders())
+        icon = _request(server.port, "GET", "/favicon.ico")
+        assert icon.status == 200 and icon.body[:4] == b"\x00\x00\x01\x00"  # an ICO file
+
+        log = server.log
+    assert not list(scratch.glob("brainmri-metrics-*")), "the master left its metrics folder"
+    # Every line is logfmt, except TensorFlow's two that nothing can silence.
+    for line in (log + access_log.read_text()).splitlines():
+        if line.strip() and not _TF_UNSILENCEABLE.match(line):
+            assert _LINE.match(line), line
