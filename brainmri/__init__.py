@@ -46,13 +46,15 @@ def configure(app: Flask, test_config: dict[str, Any] | None) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    """Request logging, security, and the (not yet loaded) predictor."""
+    """Request logging, metrics, security, and the (not yet loaded) predictor."""
     from .web import logs
+    from .web import metrics
     from .web import models
     from .web import ratelimit
     from .web import security
 
     logs.init_app(app)  # first, so the request id exists for every later hook
+    metrics.init_app(app)  # before the limiter, so refused requests are timed and counted too
     ratelimit.init_app(app)  # before security: a refused client costs no form parsing
     security.init_app(app)
     # Cheap: validates the metadata and sha256 without importing TensorFlow. The model itself

@@ -109,8 +109,14 @@ def quiet_tensorflow() -> None:
 
 def main() -> int:
     """Exit status 0 when the models check out (ONNX caches built), APP_LOAD_ERROR otherwise."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .web import logformat
+
+    handler = logging.StreamHandler()  # stderr, which gunicorn's master passes through
+    handler.setFormatter(logformat.formatter(logformat.format_from_env()))  # as the servers'
     log = logging.getLogger("brainmri.preflight")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     problem = check_models()
     if problem is None:
         try:

@@ -36,6 +36,7 @@ LIBRARY_ROOMS = {
     "itsdangerous": {"web"},
     "flask_limiter": {"web"},
     "limits": {"web"},
+    "prometheus_client": {"web"},  # /metrics; gunicorn.conf.py (outside the package) uses it too
     "click": {"top"},
     "tensorflow": {"inference", "training"},
     "keras": {"inference", "training"},

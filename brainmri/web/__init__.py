@@ -1,4 +1,4 @@
-"""The Flask side: pages, JSON API, uploads, security, errors, rate limits and request logs.
+"""The Flask side: pages, JSON API, uploads, security, errors, rate limits, logs and metrics.
 
 The only room that imports Flask. It sits on `inference` and `imaging` and nothing below
 imports it; `brainmri.create_app` wires these modules into the app.
@@ -7,7 +7,9 @@ imports it; `brainmri.create_app` wires these modules into the app.
 from . import api
 from . import descriptions
 from . import errors
+from . import logformat
 from . import logs
+from . import metrics
 from . import models
 from . import ratelimit
 from . import security
@@ -24,7 +26,9 @@ __all__ = [
     "api",
     "descriptions",
     "errors",
+    "logformat",
     "logs",
+    "metrics",
     "models",
     "ratelimit",
     "security",

@@ -2,7 +2,8 @@
 
 A prediction is logged with its request id, byte size, detected type, top label and latency.
 Filenames (they may name a patient), pixels and exception text shown to users are never logged
-here; tracebacks go to the server log only (errors.py).
+here; tracebacks go to the server log only (errors.py). Lines are logfmt or JSON
+(BRAINMRI_LOG_FORMAT, logformat.py), the same shape as gunicorn's own (gunicorn.conf.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from flask import Response
 from flask import g
 from flask import has_request_context
 from flask import request
+from flask.logging import default_handler
 
 from ..imaging import sniff_format
+from .logformat import format_from_env
+from .logformat import formatter
 
 __all__ = ["configure_logger", "init_app", "log_batch", "log_prediction", "request_id"]
 
@@ -71,12 +75,20 @@ def log_batch(files: int, error_codes: list[str]) -> None:
 
 
 def configure_logger(app: Flask) -> None:
-    """Send the package's INFO lines to stderr (gunicorn's error log) through Flask's handler."""
+    """Send the package's INFO lines to stderr (gunicorn's error log) through Flask's handler.
+
+    Raises:
+        ValueError: BRAINMRI_LOG_FORMAT names no known format.
+    """
     # app.logger is the "brainmri" logger; first access attaches Flask's stderr handler unless
     # logging is already configured. Child loggers ("brainmri.predict", …) propagate to it.
+    line_format = format_from_env()  # checked even when the operator's handlers are in use
     logger = app.logger
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    # Only Flask's own handler gets the line format: handlers an operator configured keep theirs.
+    if default_handler in logger.handlers:
+        default_handler.setFormatter(formatter(line_format))
 
 
 def init_app(app: Flask) -> None:

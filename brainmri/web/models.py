@@ -3,10 +3,12 @@
 `init_app` reads every model's metadata and checks its sha256, without importing TensorFlow, and
 puts the unloaded registry and the default model's predictor into ``app.extensions``. main.py
 loads them in each gunicorn worker after fork; under ``flask run`` the first prediction does.
+Either way each model's load time is recorded (metrics.py, ``brainmri_model_load_seconds``).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flask import Flask
@@ -16,8 +18,10 @@ from ..inference import ModelRegistry
 from ..inference import Predictor
 from ..inference import default_model_path
 from ..inference import discover_models
+from .metrics import record_model_load
 
-__all__ = ["EXTENSION_KEY", "REGISTRY_KEY", "get_predictor", "init_app"]
+__all__ = ["EXTENSION_KEY", "MeasuredRegistry", "REGISTRY_KEY", "get_predictor", "init_app",
+           "load_predictor"]
 
 # The app.extensions keys (their values predate the web/ package; tools and tests set them).
 EXTENSION_KEY = "brainmri.predictor"  # the default model's Predictor
@@ -40,7 +44,7 @@ def init_app(app: Flask) -> None:
         model_dir = Path(app.config["BRAINMRI_MODEL_DIR"])
         default = default_model_path(model_dir, app.config.get("BRAINMRI_DEFAULT_MODEL"))
         paths = discover_models(model_dir)
-    registry = ModelRegistry.from_paths(paths, default, app.config["BRAINMRI_MAX_PIXELS"])
+    registry = MeasuredRegistry.from_paths(paths, default, app.config["BRAINMRI_MAX_PIXELS"])
     app.extensions[REGISTRY_KEY] = registry
     app.extensions[EXTENSION_KEY] = registry.get()
 
@@ -48,3 +52,31 @@ def init_app(app: Flask) -> None:
 def get_predictor() -> Predictor:
     """The predictor of the current app (one per worker process)."""
     return current_app.extensions[EXTENSION_KEY]
+
+
+def load_predictor(predictor: Predictor) -> None:
+    """Load and warm up one model unless it is already, recording how long that took.
+
+    Raises:
+        ModelError: the file is not a loadable model or disagrees with its metadata.
+    """
+    if predictor.ready:
+        return
+    started = time.perf_counter()
+    predictor.load()
+    record_model_load(predictor.card.name, time.perf_counter() - started,
+                      getattr(predictor, "engine", None))
+
+
+class MeasuredRegistry(ModelRegistry):
+    """The model registry whose `load` (main.py, in each worker) records every model's load time."""
+
+    def load(self) -> None:
+        """Load and warm up every model (the default first), timing each one.
+
+        Raises:
+            ModelError: a file is not a loadable model or disagrees with its metadata.
+        """
+        for name in self:
+            load_predictor(self.get(name))
+        super().load()  # whatever else the registry does; the models are loaded already

@@ -29,7 +29,8 @@ from itsdangerous import URLSafeTimedSerializer
 
 from .errors import UploadError
 
-__all__ = ["CONTENT_SECURITY_POLICY", "InMemoryRequest", "csrf_token", "init_app"]
+__all__ = ["CACHEABLE_ENDPOINTS", "CONTENT_SECURITY_POLICY", "InMemoryRequest", "csrf_token",
+           "init_app"]
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
@@ -42,6 +43,9 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+# Files any visitor gets alike, which browsers may cache; everything else is no-store.
+CACHEABLE_ENDPOINTS = frozenset({"static", "pages.favicon"})
 
 CSRF_FIELD = "csrf_token"
 _CSRF_SESSION_KEY = "csrf_nonce"
@@ -110,7 +114,7 @@ def _set_security_headers(response: Response) -> Response:
     if request.is_secure:
         response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
     # Results (and the pages carrying a form token) must not linger in any cache; static files may.
-    if request.endpoint != "static":
+    if request.endpoint not in CACHEABLE_ENDPOINTS:
         response.headers["Cache-Control"] = "no-store"
     return response
 

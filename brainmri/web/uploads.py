@@ -2,7 +2,8 @@
 
 The classification itself (guard, calibration, "uncertain" flag) is `inference/guarded.py`'s,
 the path `brainmri predict` takes too; this module adds the request side: the model a request
-names, the app's configured default threshold and the log line.
+names, the app's configured default threshold, the log line and the metrics (each classified
+file counted once: a class, or a refusal by its code, here for the page, the API and the batch).
 
 The uploaded bytes stay in memory (security.InMemoryRequest) and are dropped after the request.
 The client's filename is consulted only for its extension and is never stored, shown or logged.
@@ -23,10 +24,15 @@ from werkzeug.datastructures import FileStorage
 
 from .. import inference
 from .errors import UploadError
+from ..imaging import ImageError
 from ..inference import Outcome
+from ..inference import REFUSAL_CODES
 from .logs import log_prediction
+from .metrics import record_prediction
+from .metrics import record_refusal
 from .models import EXTENSION_KEY
 from .models import REGISTRY_KEY
+from .models import load_predictor
 from ..inference import ModelError
 from ..inference import Explanation
 from ..inference import Prediction
@@ -181,8 +187,17 @@ def classify(data: bytes, explain: bool = False, model: str | None = None) -> Cl
         ModelError: the model cannot be loaded (503).
     """
     predictor = current_predictor(model)
-    prediction, model_input = inference.classify_one(predictor, data, uncertain_below(predictor))
+    load_predictor(predictor)  # a no-op under gunicorn; timed on the dev server's first use
+    name = predictor.card.name
+    try:
+        prediction, model_input = inference.classify_one(predictor, data,
+                                                         uncertain_below(predictor))
+    except ImageError as error:
+        if error.code in REFUSAL_CODES:
+            record_refusal(name, error.code)
+        raise
     explanation = predictor.explain(model_input, prediction.label) if explain else None
+    record_prediction(name, prediction)  # once the answer is complete, as the log line
     log_prediction(data, prediction.label)
     return Classified(prediction, model_input, explanation, predictor.card.summary)
 
@@ -195,8 +210,13 @@ def classify_batch(files: Sequence[bytes], model: str | None = None) -> list[Out
         UploadError: 400 `unknown_model`.
     """
     predictor = current_predictor(model)
+    load_predictor(predictor)
     outcomes = inference.classify_many(predictor, files, uncertain_below(predictor))
+    name = predictor.card.name
     for data, outcome in zip(files, outcomes):
         if outcome.prediction is not None:
+            record_prediction(name, outcome.prediction)
             log_prediction(data, outcome.prediction.label)
+        elif outcome.refused:
+            record_refusal(name, outcome.error.code)
     return outcomes

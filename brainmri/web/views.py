@@ -117,6 +117,12 @@ def model_choices() -> list[dict[str, str]]:
     return choices
 
 
+@bp.get("/favicon.ico")
+def favicon() -> ResponseReturnValue:
+    """The brand icon where browsers look for it without a <link> (JSON and error responses)."""
+    return current_app.send_static_file("favicon.ico")
+
+
 @bp.get("/")
 def index() -> ResponseReturnValue:
     """Show the upload form (with a model selector when several models are served)."""

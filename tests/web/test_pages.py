@@ -264,3 +264,28 @@ def test_rounded_percentages(values):
     assert sum(round(v * 10) for v in rounded.values()) == 1000
     for name, value in rounded.items():
         assert abs(value - probabilities[name] * 100) <= 0.1 + 1e-9
+
+
+def test_favicon_is_a_real_icon_at_the_root(client):
+    """/favicon.ico (where browsers look unasked) is the ICO in static/, 16 to 48 px."""
+    from PIL import Image
+
+    from brainmri.config import PROJECT_ROOT
+
+    with client.get("/favicon.ico") as response:
+        assert response.status_code == 200
+        assert response.mimetype in ("image/vnd.microsoft.icon", "image/x-icon")
+        data = response.get_data()
+    assert data == (PROJECT_ROOT / "static" / "favicon.ico").read_bytes()
+    assert data[:4] == b"\x00\x00\x01\x00"  # ICONDIR: reserved 0, type 1 (icon)
+    with Image.open(io.BytesIO(data)) as icon:
+        assert icon.format == "ICO"
+        assert {(16, 16), (32, 32), (48, 48)} <= set(icon.info["sizes"])
+
+
+def test_every_page_links_the_icon(client, pages, png_bytes):
+    """The upload page, the result page and the error pages name the icon in their head."""
+    link = '<link rel="icon" href="/favicon.ico"'
+    assert link in client.get("/").get_data(as_text=True)
+    assert link in pages.upload(png_bytes).get_data(as_text=True)
+    assert link in client.get("/missing").get_data(as_text=True)
