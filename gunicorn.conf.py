@@ -160,7 +160,7 @@ def _drop_server_header():
 
     gunicorn writes ``Server: gunicorn`` in ``Response.default_headers`` whatever the app sets
     (an app's own Server header is sent beside it), so the line is filtered out there. Checked
-    against a real server by tests/web/test_metrics.py.
+    against a real server by tests/web/test_metrics_endpoint.py.
     """
     from gunicorn.http import wsgi
 

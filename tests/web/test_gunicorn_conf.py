@@ -1,7 +1,7 @@
 """gunicorn.conf.py beyond its settings: TF logs, log lines, the metrics folder, no Server header.
 
 The config file is run in this process (as gunicorn runs it in the master), with every
-variable it sets put back afterwards. The real server is in test_metrics.py.
+variable it sets put back afterwards. The real server is in test_metrics_endpoint.py.
 """
 
 from __future__ import annotations
