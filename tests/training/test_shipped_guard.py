@@ -55,6 +55,8 @@ def test_the_guard_never_trained_on_a_models_validation_or_test_slice():
 def test_the_held_out_report_covers_categories_and_brain_collections():
     held = META["held_out"]
     assert held["categories"] and held["collections"]
+    # Every real category has its fold: no held-out figure is an in-sample (optimistic) one.
+    assert not held.get("folds_not_run"), held.get("folds_not_run")
     for category, tally in held["categories"].items():
         margins = [m for name, m in held["margins"].items() if name.startswith(category + "/")]
         assert len(margins) == tally["images"]
