@@ -38,28 +38,31 @@ def check_keras_h5(path: Path) -> None:
                          f"({type(exc).__name__}).") from exc
 
 
-def check_models() -> str | None:
-    """None when every served model's files are in place, else the reason they are not."""
-    from . import create_app
-    from .web import REGISTRY_KEY
-
-    try:
-        app = create_app()
-        registry = app.extensions.get(REGISTRY_KEY)
-        for name in registry.names if registry is not None else []:
-            check_keras_h5(registry.get(name).card.model_path)
-    except ModelError as exc:
-        return str(exc)
-    return None
-
-
 def served_cards() -> list:
-    """The model cards the app would serve (same configuration as a worker)."""
+    """The model cards the app would serve (same configuration as a worker).
+
+    Raises:
+        ModelError: a served model's metadata is missing or invalid, or its sha256 differs.
+    """
     from . import create_app
     from .web import REGISTRY_KEY
 
     registry = create_app().extensions.get(REGISTRY_KEY)
     return [registry.get(name).card for name in registry.names] if registry is not None else []
+
+
+def check_models(cards: list | None = None) -> str | None:
+    """None when every served model's files are in place, else the reason they are not.
+
+    `cards` are the served models' cards when the caller already has them (`served_cards`),
+    so that the app, and the sha256 of every model file, is built and read once.
+    """
+    try:
+        for card in served_cards() if cards is None else cards:
+            check_keras_h5(card.model_path)
+    except ModelError as exc:
+        return str(exc)
+    return None
 
 
 def build_onnx_caches(cards: list, log: logging.Logger) -> str | None:
@@ -117,12 +120,11 @@ def main() -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    problem = check_models()
-    if problem is None:
-        try:
-            problem = build_onnx_caches(served_cards(), log)
-        except ModelError as exc:
-            problem = str(exc)
+    try:
+        cards = served_cards()  # the app is built, and every model file hashed, once
+        problem = check_models(cards) or build_onnx_caches(cards, log)
+    except ModelError as exc:
+        problem = str(exc)
     if problem is None:
         return 0
     log.critical("BrainMRI cannot start: %s", problem)
