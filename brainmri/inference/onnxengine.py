@@ -16,7 +16,7 @@ dropout -> softmax Dense. For that head the gradient of class k's logit with res
 activation A[i, j, c] is kernel[c, k] / (H * W) everywhere, so Grad-CAM's channel weights are
 the kernel column and the map is relu(sum_c kernel[c, k] * A[..., c]) up to a positive factor
 that the peak normalisation removes: Class Activation Mapping, exactly. Models with any other
-head are served by the Keras engine instead (`supports_onnx`).
+head are served by the Keras engine instead (`build_cache` raises OnnxUnsupported).
 
 The cache is trusted only when its record names the .h5's sha256, the current ENGINE_FORMAT and
 the sha256 of every file in it; anything else is rebuilt (or, in a worker, served by Keras).
@@ -49,7 +49,6 @@ __all__ = [
     "cache_folder",
     "onnx_available",
     "read_cache",
-    "supports_onnx",
 ]
 
 # Bumped whenever what the cache holds or how it is checked changes: older caches are rebuilt.
@@ -127,11 +126,6 @@ def _explained_head(model, conv_name: str):
     return head
 
 
-def supports_onnx(model, conv_name: str | None) -> bool:
-    """True when the model's head lets Grad-CAM be computed from activations (module docstring)."""
-    return conv_name is not None and _explained_head(model, conv_name) is not None
-
-
 def build_cache(card: ModelCard, root: Path | None = None, model=None) -> dict:
     """Convert `card`'s .h5 to its ONNX cache (TensorFlow, tf2onnx), check it, return the record.
 
@@ -179,7 +173,7 @@ def build_cache(card: ModelCard, root: Path | None = None, model=None) -> dict:
         expected = serve(tf.constant(probe))  # Keras, through the function just converted
         probs, activations = (np.asarray(expected[key]) for key in ("probabilities",
                                                                     "activations"))
-        engine = OnnxEngine(work, kernel)
+        engine = OnnxEngine(work, kernel, conv)
         got_probs, got_activations = engine.run(probe)
         error = max(float(np.abs(got_probs - probs).max()),
                     float(np.abs(got_activations - activations).max()
@@ -224,6 +218,7 @@ class OnnxEngine:
 
     folder: Path
     kernel: np.ndarray  # (channels, classes): the softmax layer's weights, for Grad-CAM
+    explained_layer: str  # the layer whose activations the Grad-CAM maps are built from
 
     def __post_init__(self) -> None:
         import onnxruntime
@@ -251,7 +246,7 @@ class OnnxEngine:
         folder = Path(record["folder"])
         with np.load(folder / "head.npz") as head:
             kernel = np.asarray(head["kernel"], np.float32)
-        return cls(folder, kernel)
+        return cls(folder, kernel, str(record["explained_layer"]))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Softmax (N, K) and the explained layer's activations (N, h, w, C)."""
