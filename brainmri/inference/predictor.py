@@ -117,7 +117,6 @@ class Predictor:
         self._forward = None
         self._gradcam = None
         self.conv_layer: str | None = None
-        self.load_seconds: float | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -152,12 +151,9 @@ class Predictor:
             ModelError: the file is not a loadable Keras model or disagrees with its metadata,
                 or BRAINMRI_ENGINE=onnx and the model has no valid ONNX cache.
         """
-        import time
-
         with self._lock:
             if self.engine is not None:
                 return
-            started = time.perf_counter()
             choice = self.requested_engine or engine_choice()
             if choice != "keras" and self._load_onnx():
                 self.engine = "onnx"
@@ -168,7 +164,6 @@ class Predictor:
             else:
                 self._load_keras()
                 self.engine = "keras"
-            self.load_seconds = time.perf_counter() - started
 
     def _load_onnx(self) -> bool:
         """Serve from the ONNX cache when onnxruntime is installed and the cache checks out."""
@@ -182,7 +177,7 @@ class Predictor:
         shape = (self.input_size, self.input_size, self.card.channels)
         engine.gradcam(np.zeros((1, *shape), np.float32), np.zeros(1, np.int64))  # warm-up
         self._onnx = engine
-        self.conv_layer = str(onnxengine.read_cache(self.card)["explained_layer"])
+        self.conv_layer = engine.explained_layer
         return True
 
     def _load_keras(self) -> None:
