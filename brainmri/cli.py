@@ -575,24 +575,25 @@ def build_cache_command(force: bool) -> None:
     .h5's sha256 and checked against Keras; run it at image build time so that no start pays it.
     """
     from .inference import onnxengine
-    from .preflight import quiet_tensorflow
+    from .preflight import ensure_cache
     from .preflight import served_cards
 
-    quiet_tensorflow()
     try:
         cards = served_cards()
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     for card in cards:
-        record = None if force else onnxengine.read_cache(card)
-        state = "already valid"
-        if record is None:
-            try:
-                record = onnxengine.build_cache(card)
-            except ModelError as exc:
-                click.echo(f"{card.model_path.name}: {exc}")
-                continue
-            state = f"built, largest difference from Keras {record['max_difference']:.1e}"
+        try:
+            record, built = ensure_cache(card, force=force)
+        except ModelError as exc:
+            click.echo(f"{card.model_path.name}: {exc}")
+            continue
+        except OSError as exc:  # the same folder for every model: no point going on
+            raise click.ClickException(
+                f"the ONNX cache folder {onnxengine.cache_dir()} cannot be written ({exc}); "
+                "set BRAINMRI_CACHE_DIR to a writable folder") from exc
+        state = (f"built, largest difference from Keras {record['max_difference']:.1e}"
+                 if built else "already valid")
         click.echo(f"{card.model_path.name}: {record['folder']} ({state})")
 
 

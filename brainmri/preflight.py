@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .inference import ModelError
 
-__all__ = ["APP_LOAD_ERROR", "build_onnx_caches", "check_models", "main", "quiet_tensorflow",
-           "served_cards"]
+__all__ = ["APP_LOAD_ERROR", "build_onnx_caches", "check_models", "ensure_cache", "main",
+           "quiet_tensorflow", "served_cards"]
 
 # gunicorn's "App failed to load" exit status, also used by main.py in the workers.
 APP_LOAD_ERROR = 4
@@ -82,14 +83,14 @@ def build_onnx_caches(cards: list, log: logging.Logger) -> str | None:
         log.warning("onnxruntime is not installed: workers serve with TensorFlow (slower start, "
                     "about 800 MiB each)")
         return "onnxruntime is not installed" if choice == "onnx" else None
-    for card in cards:
-        if onnxengine.read_cache(card) is not None:
-            continue
+
+    def announce(card) -> None:
         log.info("building the ONNX cache for %s in %s (once per model file)",
                  card.model_path.name, onnxengine.cache_dir())
-        quiet_tensorflow()
+
+    for card in cards:
         try:
-            record = onnxengine.build_cache(card)
+            record, built = ensure_cache(card, before_build=announce)
         except (onnxengine.OnnxUnsupported, OSError) as exc:
             log.warning("%s is served by the Keras engine: %s", card.model_path.name, exc)
             if choice == "onnx":
@@ -97,9 +98,34 @@ def build_onnx_caches(cards: list, log: logging.Logger) -> str | None:
             continue
         except ModelError as exc:  # Keras cannot read it either: no engine can serve it
             return str(exc)
+        if not built:
+            continue
         log.info("ONNX cache for %s ready (largest difference from Keras %.1e)",
                  card.model_path.name, record["max_difference"])
     return None
+
+
+def ensure_cache(card, force: bool = False,
+                 before_build: Callable[[object], None] | None = None) -> tuple[dict, bool]:
+    """`card`'s valid ONNX cache record, built unless one checks out (or `force`), and if it was.
+
+    `before_build(card)` is called just before a build, the slow step that imports TensorFlow,
+    so that a caller can say so first.
+
+    Raises:
+        OnnxUnsupported: the ONNX engine cannot serve the model (Keras serves it instead).
+        ModelError: Keras cannot load the .h5, or it disagrees with its metadata.
+        OSError: the cache folder cannot be written.
+    """
+    from .inference import onnxengine
+
+    record = None if force else onnxengine.read_cache(card)
+    if record is not None:
+        return record, False
+    if before_build is not None:
+        before_build(card)
+    quiet_tensorflow()
+    return onnxengine.build_cache(card), True
 
 
 def quiet_tensorflow() -> None:

@@ -196,6 +196,23 @@ def test_preflight_builds_missing_caches_once(models, cache):
     assert "hidden.h5 is served by the Keras engine" in hidden.stderr
 
 
+def test_build_cache_reports_a_cache_folder_it_cannot_write(models, tmp_path, monkeypatch):
+    """`brainmri build-cache` into a folder that cannot be made: a clear error, no traceback."""
+    from click.testing import CliRunner
+
+    from brainmri.cli import cli
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("BRAINMRI_CACHE_DIR", str(blocker))  # mkdir under it fails
+    monkeypatch.setenv("FLASK_BRAINMRI_MODEL_PATH", json.dumps(str(models[0])))
+    result = CliRunner().invoke(cli, ["build-cache"])
+    assert result.exit_code == 1, result.output
+    assert f"the ONNX cache folder {blocker} cannot be written" in result.output
+    assert "BRAINMRI_CACHE_DIR" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, OSError)
+
+
 def test_loading_on_keras_leaves_no_autograph_files(models, cache):
     """The Keras engine's traced functions are not autograph-converted: nothing left in /tmp.
 
