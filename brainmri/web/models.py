@@ -77,6 +77,5 @@ class MeasuredRegistry(ModelRegistry):
         Raises:
             ModelError: a file is not a loadable model or disagrees with its metadata.
         """
-        for name in self:
+        for name in self:  # ModelRegistry.load only loads each model, in this order
             load_predictor(self.get(name))
-        super().load()  # whatever else the registry does; the models are loaded already
