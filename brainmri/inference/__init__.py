@@ -21,6 +21,7 @@ from .guarded import classify_many
 from .guarded import classify_one
 from .guarded import classify_prepared
 from .guarded import csv_row
+from .guarded import is_refusal
 from .guarded import uncertain_threshold
 from .modelcard import CLASSES
 from .modelcard import TRAIN_HINT
@@ -77,6 +78,7 @@ __all__ = [
     "file_sha256",
     "heatmap_png",
     "held_out_score",
+    "is_refusal",
     "leakage_free_score",
     "legend_data_uri",
     "metadata_path_for",

@@ -31,11 +31,17 @@ __all__ = [
     "classify_one",
     "classify_prepared",
     "csv_row",
+    "is_refusal",
     "uncertain_threshold",
 ]
 
 # ImageError codes that mean "usable file, but not a brain MRI slice": a refusal, not a failure.
 REFUSAL_CODES = frozenset({"not_brain_mri", "wrong_modality"})
+
+
+def is_refusal(error: BaseException | None) -> bool:
+    """True when `error` says the file was readable but is not a brain MRI slice."""
+    return isinstance(error, ImageError) and error.code in REFUSAL_CODES
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class Outcome:
     @property
     def refused(self) -> bool:
         """True when the file was readable but is not a brain MRI slice (no class is given)."""
-        return isinstance(self.error, ImageError) and self.error.code in REFUSAL_CODES
+        return is_refusal(self.error)
 
     @property
     def unreadable(self) -> bool:

@@ -26,7 +26,6 @@ from .. import inference
 from .errors import UploadError
 from ..imaging import ImageError
 from ..inference import Outcome
-from ..inference import REFUSAL_CODES
 from .logs import log_prediction
 from .metrics import record_prediction
 from .metrics import record_refusal
@@ -193,7 +192,7 @@ def classify(data: bytes, explain: bool = False, model: str | None = None) -> Cl
         prediction, model_input = inference.classify_one(predictor, data,
                                                          uncertain_below(predictor))
     except ImageError as error:
-        if error.code in REFUSAL_CODES:
+        if inference.is_refusal(error):
             record_refusal(name, error.code)
         raise
     explanation = predictor.explain(model_input, prediction.label) if explain else None
