@@ -263,8 +263,9 @@ class RateLimiter:
 
 # GCRA in one atomic step for every worker and host: the same arithmetic as gcra() above.
 # The TAT is stored as text with microseconds (Lua numbers would reach Redis as integers) and
-# expires when the bucket is full again, so idle clients cost Redis nothing.
-_GCRA_LUA = """
+# expires when the bucket is full again, so idle clients cost Redis nothing. The epsilon is
+# gcra()'s TIME_EPSILON, written in from the constant so that the two cannot drift apart.
+_GCRA_LUA = f"local epsilon = {TIME_EPSILON!r}" + """
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
@@ -276,7 +277,7 @@ if stored then
 end
 local new_tat = start + cost * interval
 local allow_at = new_tat - burst * interval
-if allow_at - now > 1e-6 then
+if allow_at - now > epsilon then
   return {0, string.format('%.6f', allow_at - now)}
 end
 local ttl_ms = math.max(1, math.ceil((new_tat - now) * 1000))
