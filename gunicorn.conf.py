@@ -50,13 +50,12 @@ threads = int(os.environ.get("GUNICORN_THREADS", "2"))
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # TensorFlow's C++ side logs oneDNN, CPU-feature and allocator notes to stderr at INFO; read when
-# TensorFlow loads, so set here for the workers. BRAINMRI_TF_LOGS=1 shows everything.
-if os.environ.get("BRAINMRI_TF_LOGS") == "1":
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-else:
-    # 3 hides its ERROR lines too; the failures that matter here (a model that will not load)
-    # reach the app as Python exceptions and are logged there.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+# TensorFlow loads, so set here for the workers. BRAINMRI_TF_LOGS=1 shows everything. 3 hides
+# its ERROR lines too; the failures that matter here (a model that will not load) reach the app
+# as Python exceptions and are logged there. An operator's own TF_CPP_MIN_LOG_LEVEL is kept, as
+# preflight.quiet_tensorflow keeps it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL",
+                      "0" if os.environ.get("BRAINMRI_TF_LOGS") == "1" else "3")
 
 # Never True: each worker loads its models after fork (TensorFlow, when a model is served by it,
 # is not fork-safe: gunicorn#1891), and the master stays free of the app's libraries.

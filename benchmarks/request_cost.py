@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["auto", "onnx", "keras"], default="auto")
     args = parser.parse_args()
     os.environ["BRAINMRI_ENGINE"] = args.engine
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from brainmri.preflight import quiet_tensorflow
+
+    quiet_tensorflow()  # before anything below can bring TensorFlow in
 
     from brainmri import create_app
     from brainmri.imaging import read_scan

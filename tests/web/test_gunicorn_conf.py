@@ -43,6 +43,13 @@ def test_tensorflow_logs_are_off_unless_asked_for(load, setting, level):
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == level
 
 
+@pytest.mark.parametrize("setting", [None, "1"])
+def test_an_operators_tensorflow_log_level_is_kept(load, setting):
+    """An operator's own TF_CPP_MIN_LOG_LEVEL reaches the workers, whatever BRAINMRI_TF_LOGS."""
+    load(TF_CPP_MIN_LOG_LEVEL="1", **({} if setting is None else {"BRAINMRI_TF_LOGS": setting}))
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+
+
 class FakeResponse:
     """What gunicorn's access logger reads from a response."""
 
