@@ -236,6 +236,10 @@ def _echo_trust(trust: dict) -> None:
                    f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}{flagged}")
     for name, r in trust["false_refusal"].items():
         click.echo(f"{name:>20}: false refusals {r['refused']}/{r['images']} = {r['rate']:.4f} {r['reasons']}")
+        if "mri_only" in r:  # some of its slices are not MRI (trust.listed_not_mri)
+            m, x = r["mri_only"], r["listed_not_mri"]
+            click.echo(f"{'':>20}  of its MRI {m['refused']}/{m['images']} = {m['rate']:.4f}; "
+                       f"listed as not MRI: refused {x['refused']}/{x['images']}")
     ood = trust["ood"]
     if "categories" in (ood.get("real_held_out") or {}):
         _echo_held_out(ood["real_held_out"])
@@ -371,7 +375,8 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
     block = guard_training.fit(prepared, out or MODEL_DIR / trust.GUARD_FILE, config, report,
                                command=_reproducible_command(ctx), progress=click.echo,
                                splits_sha256=hashlib.sha256(manifest_path.read_bytes()).hexdigest())
-    click.echo(f"Bound {block['bound']:.4f}; validation refused {block['val_refusal_rate']}")
+    click.echo(f"Bound {block['bound']:.4f} (logit), {block['embedding']['bound']:.4f} (distance); "
+               f"validation refused {block['val_refusal_rate']}")
     if report:
         for category, tally in report["categories"].items():
             click.echo(f"  held out {category:>38}: refused {tally['refused']}/{tally['images']}"

@@ -10,6 +10,14 @@ inversions, noise), all through the same augmentation as the classifier (`traini
 geometry, bias field, gamma, resolution, noise, JPEG), so that a new scanner's brain slice still
 reads as brain while a new kind of body image does not.
 
+Two scores come out of it. The logit ("brain_likeness") answers "brain slice or one of the kinds
+of image it was taught to refuse?", and so generalises from those kinds, not to new ones: trained
+without head CT, it refused under a fifth of real head CT. The second ("brain_distance") needs no
+negative at all: the squared Mahalanobis distance of its pooled features (the layer before the
+logit) to one Gaussian fitted on the training brain slices (`ood.fit_gaussian`). What the network
+learnt to measure separates a CT or a knee from a brain even when it was never told that either
+was wrong; with head CT held out this check alone refused about three in five of them.
+
 It depends on no classifier, so one guard network serves every model; `brainmri train-guard`
 (`guard_training.py`) writes it to `model/brainmri_guard.h5` and its metadata (bound, held-out
 figures) beside it; `brainmri calibrate` links it into each model's guard.
@@ -17,14 +25,21 @@ figures) beside it; `brainmri calibrate` links it into each model's guard.
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["GUARD_FORMAT", "GUARD_SIDE", "GuardNet", "build_guardnet", "shrink"]
+from . import ood
+
+__all__ = ["EMBEDDING_LAYER", "GUARD_FORMAT", "GUARD_SIDE", "GuardNet", "build_guardnet",
+           "embedding_from_metadata", "embedding_to_metadata", "shrink"]
 
 GUARD_SIDE = 64
 GUARD_FORMAT = "brainmri-guard/1"
+EMBEDDING_LAYER = "pool"  # the pooled features that "brain_distance" is measured in
 
 
 def shrink(images: np.ndarray, side: int = GUARD_SIDE) -> np.ndarray:
@@ -57,20 +72,33 @@ def build_guardnet(side: int = GUARD_SIDE, width: int = 16):
             x = keras.layers.BatchNormalization(name=f"bn{stage}_{k}")(x)
             x = keras.layers.ReLU(name=f"relu{stage}_{k}")(x)
         x = keras.layers.MaxPooling2D(name=f"pool{stage}")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = keras.layers.Dropout(0.3, name="dropout")(x)
     outputs = keras.layers.Dense(1, name="brain_logit")(x)
     return keras.Model(inputs, outputs, name="brainmri_guard")
 
 
+def _with_embedding(model):
+    """The Keras model with its pooled features as a second output (None: it has no such layer)."""
+    import keras
+
+    try:
+        layer = model.get_layer(EMBEDDING_LAYER)
+    except ValueError:
+        return None
+    return keras.Model(model.input, [model.output, layer.output])
+
+
 def write_onnx(model, path: Path) -> str:
     """The network as ONNX beside its .h5, checked against Keras; returns the file's sha256.
 
-    The served app runs it in onnxruntime so that a worker needs no TensorFlow (about 0.2 ms
-    for one 64-px input); the check refuses a conversion that moves any logit by 1e-3.
+    Its outputs are the logit and the pooled features (for "brain_distance"). The served app
+    runs it in onnxruntime so that a worker needs no TensorFlow (about 0.2 ms for one 64-px
+    input); the check refuses a conversion that moves any logit, or any pooled feature
+    relative to the largest, by 1e-3.
 
     Raises:
-        ValueError: the ONNX logits differ from Keras'.
+        ValueError: the ONNX outputs differ from Keras'.
     """
     import hashlib
 
@@ -78,17 +106,30 @@ def write_onnx(model, path: Path) -> str:
     import tf2onnx
 
     side = model.input_shape[1]
+    both = _with_embedding(model)
     spec = [tf.TensorSpec((None, side, side, 1), tf.float32, name="image")]
-    serve = tf.function(lambda x: {"brain_logit": model(x, training=False)},
-                        input_signature=spec, autograph=False)
+    if both is None:
+        serve = tf.function(lambda x: {"brain_logit": model(x, training=False)},
+                            input_signature=spec, autograph=False)
+    else:
+        def outputs(x):
+            logit, embedding = both(x, training=False)
+            return {"brain_logit": logit, "embedding": embedding}
+
+        serve = tf.function(outputs, input_signature=spec, autograph=False)
     tf2onnx.convert.from_function(serve, input_signature=spec, opset=17, output_path=str(path))
     probe = np.random.default_rng(3).random((8, side, side, 1), dtype=np.float32)
     probe[0], probe[1] = 0.0, 1.0
-    expected = np.asarray(model(probe, training=False))[:, 0]
-    got = _onnx_function(path)(probe)
-    if not np.allclose(got, expected, atol=1e-3):
+    expected = serve(tf.constant(probe))
+    got_logits, got_embeddings = _onnx_function(path)(probe)
+    error = float(np.abs(got_logits - np.asarray(expected["brain_logit"])[:, 0]).max())
+    if both is not None:
+        want = np.asarray(expected["embedding"])
+        error = max(error, float(np.abs(got_embeddings - want).max()
+                                 / max(1.0, float(np.abs(want).max()))))
+    if error > 1e-3:
         path.unlink()
-        raise ValueError(f"ONNX guard logits differ from Keras' by {np.abs(got - expected).max()}")
+        raise ValueError(f"ONNX guard outputs differ from Keras' by {error:.2e}")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -101,23 +142,54 @@ def _onnx_session(path: Path):
 
 
 def _onnx_function(path: Path, session=None):
+    """(logits (N,), pooled features (N, C) or None for a file that has only the logit)."""
     session = session or _onnx_session(path)
     name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: np.asarray(batch, np.float32)})[0][:, 0]
+    # The logit is the (N, 1) output, the features the (N, C > 1) one (names are tf2onnx's).
+    outputs = sorted(session.get_outputs(), key=lambda output: output.shape[-1] != 1)
+    names = [output.name for output in outputs]
+
+    def run(batch):
+        got = session.run(names, {name: np.asarray(batch, np.float32)})
+        return got[0][:, 0], (got[1] if len(got) > 1 else None)
+
+    return run
+
+
+def embedding_to_metadata(mean: np.ndarray, whitening: np.ndarray, bound: float,
+                          **info: Any) -> dict[str, Any]:
+    """JSON form of the "brain_distance" fit, stored under "embedding" in the guard metadata."""
+    return {"layer": EMBEDDING_LAYER, "bound": round(float(bound), 6),
+            "mean": np.round(np.asarray(mean, np.float64), 6).tolist(),
+            # float32, row-major, base64, as the model metadata stores its whitening matrices.
+            "whitening_float32_base64": base64.b64encode(
+                np.asarray(whitening).astype("<f4").tobytes()).decode("ascii"),
+            **info}
+
+
+def embedding_from_metadata(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, whitening) of the "brain_distance" fit from `embedding_to_metadata`'s form."""
+    mean = np.asarray(meta["mean"], np.float64)
+    white = np.frombuffer(base64.b64decode(meta["whitening_float32_base64"]), "<f4")
+    return mean, white.reshape(len(mean), len(mean)).astype(np.float64)
 
 
 class GuardNet:
-    """The trained guard network's forward pass: one logit per (N, S, S, 1) input.
+    """The trained guard network's forward pass: a logit and pooled features per input.
 
     Built from a Keras model (training, tools) or from its ONNX copy (`GuardNet.load` prefers
-    it when onnxruntime is installed and the file matches its recorded sha256).
+    it when onnxruntime is installed and the file matches its recorded sha256). With an
+    `embedding` fit, (mean, whitening) of the training slices' pooled features, `scores` adds
+    "brain_distance" to "brain_likeness".
     """
 
-    def __init__(self, model=None, onnx_path: Path | None = None) -> None:
+    def __init__(self, model=None, onnx_path: Path | None = None,
+                 embedding: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         import threading
 
         self._lock = threading.Lock()  # one call at a time, as the predictor does
         self.model = model
+        self.embedding = embedding
         if onnx_path is not None:
             session = _onnx_session(onnx_path)
             self.side = int(session.get_inputs()[0].shape[1])
@@ -127,41 +199,82 @@ class GuardNet:
         import tensorflow as tf
 
         self.side = int(model.input_shape[1])
+        both = _with_embedding(model) or model
         # autograph=False: nothing to convert, and no generated files left in the temp folder.
-        traced = tf.function(lambda x: model(x, training=False),
+        traced = tf.function(lambda x: both(x, training=False),
                              input_signature=[tf.TensorSpec((None, self.side, self.side, 1),
                                                             tf.float32)],
                              autograph=False)
-        self._fn = lambda batch: np.asarray(traced(batch))[:, 0]
+
+        def run(batch):
+            out = traced(batch)
+            if isinstance(out, (list, tuple)):
+                return np.asarray(out[0])[:, 0], np.asarray(out[1])
+            return np.asarray(out)[:, 0], None
+
+        self._fn = run
         self.engine = "keras"
         self._fn(np.zeros((1, self.side, self.side, 1), np.float32))  # trace and allocate now
 
     @classmethod
     def load(cls, path: Path, onnx_sha256: str | None = None) -> GuardNet:
-        """Load a guard network saved by `brainmri train-guard` (its ONNX copy when usable)."""
+        """Load a guard network saved by `brainmri train-guard` (its ONNX copy when usable),
+        with the "brain_distance" fit its metadata (`<path>.json`) holds for this very file."""
         import hashlib
         import importlib.util
+        import json
 
         path = Path(path)
+        embedding = None
+        meta_path = path.with_suffix(".json")
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            # The fit belongs to one network: never pair it with another file's features.
+            if "embedding" in meta and meta.get("sha256") == hashlib.sha256(
+                    path.read_bytes()).hexdigest():
+                embedding = embedding_from_metadata(meta["embedding"])
         onnx = path.with_suffix(".onnx")
         if (onnx_sha256 and onnx.is_file() and importlib.util.find_spec("onnxruntime")
                 and hashlib.sha256(onnx.read_bytes()).hexdigest() == onnx_sha256):
-            return cls(onnx_path=onnx)
+            return cls(onnx_path=onnx, embedding=embedding)
         import keras
 
-        return cls(keras.models.load_model(path, compile=False))
+        return cls(keras.models.load_model(path, compile=False), embedding=embedding)
 
-    def logits(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
-        """"Brain MRI slice" logit per preprocessed input (any multiple of the guard's side);
-        float inputs in [0, 1] or uint8."""
+    def measure(self, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N,) and pooled features (N, C), or None for a network without them, per
+        preprocessed input (any multiple of the guard's side); floats in [0, 1] or uint8."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
         images = shrink(images, self.side)
         if images.dtype == np.uint8:
             images = images.astype(np.float32) / 255.0
+        logits, features = [], []
         with self._lock:
-            out = [np.asarray(self._fn(images[i:i + batch].astype(np.float32)), np.float32)
-                   for i in range(0, len(images), batch)]
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+            for i in range(0, len(images), batch):
+                logit, feature = self._fn(images[i:i + batch].astype(np.float32))
+                logits.append(np.asarray(logit, np.float32))
+                features.append(feature)
+        if not logits:
+            return np.zeros(0, np.float32), None
+        return (np.concatenate(logits),
+                None if features[0] is None else np.concatenate(features).astype(np.float32))
 
+    def logits(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """"Brain MRI slice" logit per preprocessed input (as `measure`)."""
+        return self.measure(images, batch)[0]
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """"brain_distance" of pooled features: squared Mahalanobis to the training slices,
+        per dimension (`ood.gaussian_distance`)."""
+        if self.embedding is None:
+            raise ValueError("this guard network has no fitted embedding (brainmri train-guard)")
+        return ood.gaussian_distance(features, *self.embedding)
+
+    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{"brain_likeness": logits, "brain_distance": distances (when fitted)}, one forward pass."""
+        logits, features = self.measure(images)
+        if self.embedding is None or features is None:
+            return {"brain_likeness": logits}
+        return {"brain_likeness": logits, "brain_distance": self.distances(features)}

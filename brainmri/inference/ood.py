@@ -42,7 +42,9 @@ __all__ = [
     "choose_margin",
     "descriptor",
     "fit_exposure",
+    "fit_gaussian",
     "fit_guard",
+    "gaussian_distance",
     "image_features",
 ]
 
@@ -67,6 +69,9 @@ FEATURES: dict[str, tuple[str, float, str]] = {
                        "a network trained to tell brain MRI slices from CT, X-ray, MRI of other "
                        "body parts, ultrasound and photographs does not recognise it as a brain "
                        "MRI slice"),
+    "brain_distance": ("high", 0.0,
+                       "it is unlike every brain MRI slice the guard network learnt from, even "
+                       "though it resembles none of the images it was taught to refuse"),
 }
 
 # Cheap measurements the exposure head sees beside the pooled features (colour is left out:
@@ -266,14 +271,13 @@ class OODGuard:
     # It needs no negatives, so it holds for kinds of image no exposure negative showed.
     appearance: tuple[np.ndarray, np.ndarray] | None = None
     # The guard network (`guardnet.GuardNet`, loaded by the predictor from the file that
-    # metadata "network" names); its bound is bounds["brain_likeness"].
+    # metadata "network" names); its bounds are bounds["brain_likeness"] and, when its
+    # metadata fits one, bounds["brain_distance"].
     network: Any = None
 
     def appearance_distance(self, descriptors: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each descriptor row to the training slices, per dim."""
-        mean, whitening = self.appearance
-        diff = (np.atleast_2d(np.asarray(descriptors, np.float64)) - mean) @ whitening
-        return (diff**2).mean(axis=1)
+        return gaussian_distance(descriptors, *self.appearance)
 
     def distance(self, embedding: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class centroid, per dimension, per row."""
@@ -327,9 +331,10 @@ class OODGuard:
             scores = self.model_scores(embeddings, features, descriptors)
             for i, row in enumerate(rows):
                 row.update({name: float(values[i]) for name, values in scores.items()})
-        if self.network is not None:
-            for row, value in zip(rows, self.network.logits(np.stack(model_inputs))):
-                row["brain_likeness"] = float(value)
+        if self.network is not None:  # "brain_likeness", and "brain_distance" when fitted
+            for name, values in self.network.scores(np.stack(model_inputs)).items():
+                for row, value in zip(rows, values):
+                    row[name] = float(value)
         return [self.check(row) for row in rows]
 
     def to_metadata(self) -> dict[str, Any]:
@@ -368,6 +373,23 @@ class OODGuard:
             appearance = (mean, white)
         return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info,
                    exposure, appearance, network)
+
+
+def fit_gaussian(rows: np.ndarray, shrinkage: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitening of `rows` (N, dims): one Gaussian, its covariance shrunk towards a
+    scaled identity so that it is invertible when some dimensions never vary."""
+    rows = np.asarray(rows, np.float64)
+    cov = np.atleast_2d(np.cov(rows, rowvar=False))
+    average = np.trace(cov) / len(cov) or 1.0
+    cov = (1 - shrinkage) * cov + shrinkage * average * np.eye(len(cov))
+    # Cholesky of the precision: ||(x - mu) @ W||² is the squared Mahalanobis distance.
+    return rows.mean(axis=0), np.linalg.cholesky(np.linalg.inv(cov))
+
+
+def gaussian_distance(rows: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row to a `fit_gaussian` fit, per dimension."""
+    diff = (np.atleast_2d(np.asarray(rows, np.float64)) - mean) @ whitening
+    return (diff**2).mean(axis=1)
 
 
 def _bound(values: np.ndarray, side: str, tail: float, margin: float,
@@ -468,11 +490,7 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
             "distance_margin": distance_margin, "shrinkage": shrinkage,
             "max_distance_refusal": max_distance_refusal}
     if train_descriptors is not None and val_descriptors is not None:
-        rows = np.asarray(train_descriptors, np.float64)
-        cov = np.atleast_2d(np.cov(rows, rowvar=False))
-        average = np.trace(cov) / len(cov) or 1.0
-        cov = (1 - shrinkage) * cov + shrinkage * average * np.eye(len(cov))
-        appearance = (rows.mean(axis=0), np.linalg.cholesky(np.linalg.inv(cov)))
+        appearance = fit_gaussian(train_descriptors, shrinkage)
         probe = OODGuard(bounds, centroids, whitening, appearance=appearance)
         far = probe.appearance_distance(val_descriptors)
         info["appearance_margin"] = choose_margin(far, distance_tail, max_distance_refusal)

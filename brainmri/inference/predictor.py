@@ -241,7 +241,13 @@ class Predictor:
         if not meta:
             return None
         link = meta.get("network")
-        return OODGuard.from_metadata(meta, self._guard_network(link) if link else None)
+        network = self._guard_network(link) if link else None
+        if "brain_distance" in meta["bounds"] and getattr(network, "embedding", None) is None:
+            # Serving without it would drop a check silently: refuse to start instead.
+            raise ModelError(f"{self.card.model_path.name}'s guard checks the guard network's "
+                             "brain_distance, but the network's metadata has no fit for it; run "
+                             "`brainmri train-guard` and `brainmri calibrate`.")
+        return OODGuard.from_metadata(meta, network)
 
     def _guard_network(self, link: dict):
         """The guard network that the metadata names, checked against its recorded sha256."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,9 @@ class _FixedNetwork:
         self.calls += 1
         return np.asarray(images, np.float32).reshape(len(images), -1).mean(axis=1) * 10 - 1
 
+    def scores(self, images):
+        return {"brain_likeness": self.logits(images)}
+
 
 def test_the_guard_refuses_below_the_network_bound_and_runs_it_once_per_batch():
     inputs = [load_scan(encode(synthetic_slice(160, seed)), 64) for seed in range(6)]
@@ -110,3 +115,90 @@ def test_a_short_training_separates_heads_from_noise():
     new_others = np.stack([load_scan(image.data, 128)
                            for image in ood_sets.synthetic_images(2, seed=7)])
     assert np.median(net.logits(new_heads)) > np.median(net.logits(new_others))
+    # The one-class distance in its pooled features, fitted on the heads alone (no negatives).
+    bound = guard_training.fit_distance(net, to_u8(heads), to_u8(new_heads), config)
+    far = net.scores(new_others)["brain_distance"]
+    assert np.median(net.scores(new_heads)["brain_distance"]) < np.median(far)
+    assert bound > 0
+
+
+@pytest.mark.slow
+def test_the_onnx_copy_gives_the_same_logits_and_features(tmp_path):
+    model = guardnet.build_guardnet(64, width=4)
+    path = tmp_path / "guard.h5"
+    model.save(path)
+    guardnet.write_onnx(model, path.with_suffix(".onnx"))
+    onnx = guardnet.GuardNet(onnx_path=path.with_suffix(".onnx"))
+    keras_net = guardnet.GuardNet(model)
+    images = np.random.default_rng(1).random((5, 128, 128, 1)).astype(np.float32)
+    (a, fa), (b, fb) = onnx.measure(images), keras_net.measure(images)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert fa.shape == (5, 32)
+    np.testing.assert_allclose(fa, fb, atol=1e-4)
+
+
+class _DistanceNetwork(_FixedNetwork):
+    """Stand-in with a fitted distance: how far each input's mean brightness is from 0.4."""
+
+    def scores(self, images):
+        means = np.asarray(images, np.float32).reshape(len(images), -1).mean(axis=1)
+        return {"brain_likeness": self.logits(images), "brain_distance": (means - 0.4) ** 2 * 100}
+
+
+def test_the_guard_refuses_beyond_the_distance_bound_and_says_why():
+    inputs = [load_scan(encode(synthetic_slice(160, seed)), 64) for seed in range(4)]
+    network = _DistanceNetwork()
+    distances = network.scores(np.stack(inputs))["brain_distance"]
+    bright = np.clip(inputs[0] + 0.5, 0, 1)  # a logit the network likes, far from every slice
+    guard = ood.OODGuard({"brain_likeness": (-100.0, None),
+                          "brain_distance": (None, float(distances.max()) + 0.01)},
+                         np.zeros((0, 0)), np.zeros((0, 0)), network=network)
+    verdicts = guard.assess_many([*inputs, bright], [None] * 5, None)
+    assert [v.refused for v in verdicts] == [False] * 4 + [True]
+    assert verdicts[-1].reasons == ("brain_distance",)
+    assert "unlike every brain MRI slice the guard network learnt from" in str(
+        ood.NotBrainMRI(verdicts[-1]))
+
+
+def test_gaussian_distance_is_the_squared_mahalanobis_distance_per_dimension():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(500, 3)) * [1.0, 2.0, 0.5]
+    mean, whitening = ood.fit_gaussian(rows, shrinkage=0.0)
+    probe = rng.normal(size=(5, 3))
+    precision = np.linalg.inv(np.cov(rows, rowvar=False))
+    expected = np.einsum("ij,jk,ik->i", probe - rows.mean(0), precision, probe - rows.mean(0)) / 3
+    np.testing.assert_allclose(ood.gaussian_distance(probe, mean, whitening), expected, rtol=1e-9)
+
+
+def test_a_fold_counts_an_image_refused_by_either_check():
+    report = {"categories": {}, "margins": {}, "distance_margins": {}}
+    names = np.array(["ct/a.png", "ct/b.png", "ct/c.png", "ct/d.png"])
+    guard_training.record_fold(report, "ct", names, np.array([-1.0, 2.0, 3.0, -0.5]),
+                               np.array([1.0, -2.0, 3.0, -0.1]))
+    assert report["categories"]["ct"] == {"images": 4, "refused": 3, "rate": 0.75}
+    assert report["margins"]["ct/b.png"] == 2.0 and report["distance_margins"]["ct/b.png"] == -2.0
+
+
+@pytest.mark.slow
+def test_a_model_whose_guard_network_lost_its_distance_fit_refuses_to_serve(tmp_path):
+    """The model's guard checks brain_distance: a network metadata without the fit must not
+    silently drop that check."""
+    import json
+    import shutil
+
+    from brainmri.config import DEFAULTS
+    from brainmri.inference import ModelError
+    from brainmri.inference import Predictor
+
+    shipped = Path(DEFAULTS["BRAINMRI_MODEL_DIR"])
+    for name in ("brainmri_cnn.h5", "brainmri_cnn.json"):
+        shutil.copy(shipped / name, tmp_path / name)
+    shutil.copytree(shipped / "guard", tmp_path / "guard")
+    assert "brain_distance" in json.loads((tmp_path / "brainmri_cnn.json").read_text())["ood"]["bounds"]
+    assert Predictor.from_path(tmp_path / "brainmri_cnn.h5").guard.network.embedding is not None
+    meta_path = tmp_path / "guard" / "brainmri_guard.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["embedding"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="brain_distance"):
+        Predictor.from_path(tmp_path / "brainmri_cnn.h5").guard
