@@ -47,6 +47,8 @@ GUARD_FILE = "guard/brainmri_guard.h5"
 # 0 % for the network and the cheap checks alone; they added 10 points on held-out head CT
 # and 3 on held-out spine/knee MRI.
 REPLACED_BY_NETWORK = ("feature_distance", "appearance_distance", "mri_likeness")
+# The scores the guard network gives (`guardnet.GuardNet.scores`); their bounds are its own.
+NETWORK_FEATURES = ("brain_likeness", "brain_distance")
 
 
 def _canonical(predictor, probs: np.ndarray) -> np.ndarray:
@@ -58,7 +60,8 @@ def measure_images(predictor, images: np.ndarray, colours: list[float | None], b
     """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors.
 
     `colours` holds each image's file colour (`imaging.read_scan`; None: not measured, grey).
-    With a guard `network`, its "brain_likeness" logit joins the cheap features.
+    With a guard `network`, its "brain_likeness" logit (and "brain_distance", when fitted) join
+    the cheap features.
     """
     probs, embeddings = [], []
     for start in range(0, len(images), batch):
@@ -70,7 +73,8 @@ def measure_images(predictor, images: np.ndarray, colours: list[float | None], b
     cheap = [ood.image_features(image, colour) for image, colour in zip(images, colours)]
     features = {name: np.array([row[name] for row in cheap]) for name in (cheap[0] if cheap else {})}
     if network is not None and len(images):
-        features["brain_likeness"] = network.logits(images).astype(np.float64)
+        features.update({name: values.astype(np.float64)
+                         for name, values in network.scores(images).items()})
     descriptors = np.array([ood.descriptor(image) for image in images])
     return probs_all, emb_all, features, descriptors
 
@@ -293,22 +297,36 @@ def _relative(path: Path, folder: Path) -> str:
 
 
 def _held_out_network(real: _Measured, meta: dict[str, Any]) -> tuple[_Measured, int]:
-    """`real` with each image's "brain_likeness" from the network that never saw its category.
+    """`real` with each image's "brain_likeness" and "brain_distance" from the network that
+    never saw its category.
 
-    `brainmri train-guard --held-out` stored, per real image, its logit minus the bound of the
-    fold that left its category out; bound + margin against the shipped bound gives that
-    fold's decision. Images without a stored margin keep the shipped network's (optimistic)
-    value; their count is returned.
+    `brainmri train-guard --held-out` stored, per real image, how far it lay inside each bound
+    of the fold that left its category out (logit minus bound, bound minus distance); the
+    shipped bound plus (minus) that margin gives that fold's decision against the shipped bound.
+    An image without a stored logit margin keeps the shipped network's (optimistic) value;
+    their count is returned. One without a distance margin (its fold predates the distance:
+    held_out["distance_folds_not_run"]) is not judged by the distance at all, which can only
+    understate its category's refusal.
     """
-    margins = (meta.get("held_out") or {}).get("margins") or {}
-    values = np.array(real.features["brain_likeness"], np.float64)
+    held = meta.get("held_out") or {}
+    features = dict(real.features)
+    names = real.names if real.names is not None else []
+    margins = held.get("margins") or {}
+    values = np.array(features["brain_likeness"], np.float64)
     missing = 0
-    for i, name in enumerate(real.names if real.names is not None else []):
-        if name in margins:
-            values[i] = meta["bound"] + margins[name]
+    for i, image in enumerate(names):
+        if image in margins:
+            values[i] = meta["bound"] + margins[image]
         else:
             missing += 1
-    return replace(real, features={**real.features, "brain_likeness": values}), missing
+    features["brain_likeness"] = values
+    bound = (meta.get("embedding") or {}).get("bound")
+    if "brain_distance" in features and bound is not None:
+        distances = held.get("distance_margins") or {}
+        features["brain_distance"] = np.array(
+            [bound - distances[image] if image in distances else -np.inf for image in names],
+            np.float64)
+    return replace(real, features=features), missing
 
 
 def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | None = None,
@@ -362,17 +380,21 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         **uncertain,
     }
     # The network's bound is its own (set on validation by train-guard), not refitted here.
-    base = ood.fit_guard({k: v for k, v in val_features.items() if k != "brain_likeness"},
+    base = ood.fit_guard({k: v for k, v in val_features.items() if k not in NETWORK_FEATURES},
                          train_emb, y[train], val_emb, val_descriptors=val_desc,
                          train_descriptors=train_desc)
     for name in REPLACED_BY_NETWORK if network is not None else ():
         base.bounds.pop(name, None)
     if network is not None:
         base.bounds["brain_likeness"] = (float(network_meta["bound"]), None)
+        distance = network_meta.get("embedding")
+        if distance is not None:
+            base.bounds["brain_distance"] = (None, float(distance["bound"]))
         base.info["network"] = {"file": _relative(guard_path, model_path.parent),
                                 "sha256": network_meta["sha256"],
                                 "onnx_sha256": network_meta.get("onnx_sha256"),
-                                "bound": network_meta["bound"]}
+                                "bound": network_meta["bound"],
+                                **({"distance_bound": distance["bound"]} if distance else {})}
     pick = np.linspace(0, len(train) - 1, min(HEAD_POSITIVES, len(train))).astype(int)
     positives = ood.Exposure.inputs(train_emb[pick], {k: v[pick] for k, v in train_features.items()},
                                     train_desc[pick])
@@ -395,14 +417,17 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         held_out = network_held_out(guard, held_real)
     refused = np.array([v.refused for v in _verdicts(guard, val_measured)])
     if network is not None:
-        margins = (network_meta.get("held_out") or {}).get("margins") or {}
+        held = network_meta.get("held_out") or {}
+        margins = held.get("margins") or {}
         in_sample = sorted({str(c) for c, name in zip(real.categories, real.names)
                             if name not in margins})
         held_out["network"] = {"file": _relative(guard_path, model_path.parent),
                                "held_out_images": int(len(real.emb) - without_margin),
                                "without_held_out_margin": int(without_margin),
                                # The network saw these categories: their figures are optimistic.
-                               "in_sample_categories": in_sample}
+                               "in_sample_categories": in_sample,
+                               # Judged without the distance (no fold measured it): pessimistic.
+                               "distance_not_held_out": held.get("distance_folds_not_run", [])}
     negatives = {
         "positives": f"{len(pick)} training-split slices, evenly drawn from every collection",
         "real": f"{len(real_items)} images of {len(set(real.categories.tolist()))} categories "
@@ -445,6 +470,20 @@ def ood_test_images(data: CachedDataset | None, test_indices: np.ndarray | None,
     return images
 
 
+# Slices filed among a collection's MRI that are not MRI (audits/*.tsv: path, sha256).
+NOT_MRI_AUDITS = Path(__file__).parent / "audits"
+
+
+def listed_not_mri(folder: Path = NOT_MRI_AUDITS) -> set[str]:
+    """Paths ("<collection>/<path>") of slices an audit found not to be MRI (head CT in SARTAJ)."""
+    listed = set()
+    for audit in sorted(Path(folder).glob("*.tsv")):
+        for line in audit.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                listed.add(line.split("\t")[0])
+    return listed
+
+
 def _rate(flags) -> float | None:
     flags = list(flags)
     return round(float(np.mean(flags)), 4) if flags else None
@@ -462,6 +501,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                               "calibration": {}, "false_refusal": {}, "ood": {}}
     guard = predictor.guard
     network = guard.network if guard is not None else None
+    not_mri = listed_not_mri()
     # The first collection's held-out test split draws the reliability plots and the MRI variants.
     first_test = next((name for name in sets if name.endswith("/test")), None)
     for name, indices in sets.items():
@@ -492,7 +532,12 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         if guard is not None:
             measured = {"emb": emb, "features": features, "descriptors": descriptors}
             verdicts = _verdicts(guard, measured)
+            listed = np.array([data.paths[i] in not_mri for i in indices], bool)
             report["false_refusal"][name] = _tally(verdicts) | {
+                # Refusing a slice that is not MRI is right: the MRI-only figure leaves them out.
+                **({"mri_only": _tally([v for v, x in zip(verdicts, listed) if not x]),
+                    "listed_not_mri": _tally([v for v, x in zip(verdicts, listed) if x])}
+                   if listed.any() else {}),
                 "by_sequence": {
                     sequence: _tally([v for v, s in zip(verdicts, seqs) if s == sequence])
                     for seqs in [[data.sequences[i] for i in indices]]

@@ -20,6 +20,7 @@ from brainmri.inference import ood
 from brainmri.training import ood_sets
 
 from conftest import encode
+from conftest import require_real_data
 from conftest import synthetic_slice
 
 
@@ -258,3 +259,20 @@ def test_appearance_distance_is_one_class_and_survives_the_metadata():
     restored = ood.OODGuard.from_metadata(guard.to_metadata())
     np.testing.assert_allclose(restored.appearance_distance(far), guard.appearance_distance(far),
                                rtol=1e-4)
+
+
+def test_the_not_mri_audits_list_existing_sartaj_files_with_their_hashes():
+    """Each audited path names a SARTAJ file whose bytes still hash as recorded."""
+    import hashlib
+
+    from brainmri.training import trust
+
+    listed = trust.listed_not_mri()
+    assert len(listed) >= 16 and all(path.startswith("sartaj/") for path in listed)
+    root = require_real_data()
+    for audit in trust.NOT_MRI_AUDITS.glob("*.tsv"):
+        for line in audit.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                path, sha = line.split("\t")
+                data = (root / path.removeprefix("sartaj/")).read_bytes()
+                assert hashlib.sha256(data).hexdigest() == sha, path
