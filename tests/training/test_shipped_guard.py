@@ -44,6 +44,8 @@ def test_every_shipped_model_screens_with_this_guard_network():
         assert link, f"{model.name}'s guard has no network: run `brainmri calibrate`"
         assert (model.parent / link["file"]).resolve() == GUARD.resolve()
         assert link["sha256"] == META["sha256"] and link["bound"] == META["bound"]
+        assert link["distance_bound"] == META["embedding"]["bound"]
+        assert link["onnx_sha256"] == META["onnx_sha256"]
 
 
 def test_the_guard_never_trained_on_a_models_validation_or_test_slice():
@@ -57,10 +59,15 @@ def test_the_held_out_report_covers_categories_and_brain_collections():
     assert held["categories"] and held["collections"]
     # Every real category has its fold: no held-out figure is an in-sample (optimistic) one.
     assert not held.get("folds_not_run"), held.get("folds_not_run")
+    distance_folds = set(held["categories"]) - set(held.get("distance_folds_not_run", []))
     for category, tally in held["categories"].items():
-        margins = [m for name, m in held["margins"].items() if name.startswith(category + "/")]
-        assert len(margins) == tally["images"]
-        assert sum(m < 0 for m in margins) == tally["refused"]
+        names = [name for name in held["margins"] if name.startswith(category + "/")]
+        assert len(names) == tally["images"]
+        if category in distance_folds:  # refused when either margin of its fold is negative
+            refused = sum(min(held["margins"][n], held["distance_margins"][n]) < 0 for n in names)
+        else:
+            refused = sum(held["margins"][n] < 0 for n in names)
+        assert refused == tally["refused"], category
 
 
 @pytest.mark.slow
@@ -76,8 +83,12 @@ def test_validation_refusals_reproduce_and_onnx_agrees_with_keras():
     onnx = guardnet.GuardNet.load(GUARD, META["onnx_sha256"])
     keras = guardnet.GuardNet.load(GUARD)
     assert (onnx.engine, keras.engine) == ("onnx", "keras")
-    logits = onnx.logits(data.images[val])
-    np.testing.assert_allclose(logits[:64], keras.logits(data.images[val[:64]]), atol=1e-3)
+    scores = onnx.scores(data.images[val])
+    on_keras = keras.scores(data.images[val[:64]])
+    for name in ("brain_likeness", "brain_distance"):
+        np.testing.assert_allclose(scores[name][:64], on_keras[name], atol=1e-3, rtol=1e-3)
+    refused = ((scores["brain_likeness"] < META["bound"])
+               | (scores["brain_distance"] > META["embedding"]["bound"]))
     for collection, rate in META["val_refusal_rate"].items():
-        refused = float((logits[collections == collection] < META["bound"]).mean())
-        assert refused == pytest.approx(rate, abs=0.002), collection
+        assert float(refused[collections == collection].mean()) == pytest.approx(rate, abs=0.002), \
+            collection
