@@ -25,7 +25,6 @@ figures) beside it; `brainmri calibrate` links it into each model's guard.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,18 +159,12 @@ def embedding_to_metadata(mean: np.ndarray, whitening: np.ndarray, bound: float,
                           **info: Any) -> dict[str, Any]:
     """JSON form of the "brain_distance" fit, stored under "embedding" in the guard metadata."""
     return {"layer": EMBEDDING_LAYER, "bound": round(float(bound), 6),
-            "mean": np.round(np.asarray(mean, np.float64), 6).tolist(),
-            # float32, row-major, base64, as the model metadata stores its whitening matrices.
-            "whitening_float32_base64": base64.b64encode(
-                np.asarray(whitening).astype("<f4").tobytes()).decode("ascii"),
-            **info}
+            **ood.gaussian_to_metadata(mean, whitening), **info}
 
 
 def embedding_from_metadata(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(mean, whitening) of the "brain_distance" fit from `embedding_to_metadata`'s form."""
-    mean = np.asarray(meta["mean"], np.float64)
-    white = np.frombuffer(base64.b64decode(meta["whitening_float32_base64"]), "<f4")
-    return mean, white.reshape(len(mean), len(mean)).astype(np.float64)
+    return ood.gaussian_from_metadata(meta)
 
 
 class GuardNet:
@@ -217,9 +210,11 @@ class GuardNet:
         self._fn(np.zeros((1, self.side, self.side, 1), np.float32))  # trace and allocate now
 
     @classmethod
-    def load(cls, path: Path, onnx_sha256: str | None = None) -> GuardNet:
+    def load(cls, path: Path, onnx_sha256: str | None = None,
+             sha256: str | None = None) -> GuardNet:
         """Load a guard network saved by `brainmri train-guard` (its ONNX copy when usable),
-        with the "brain_distance" fit its metadata (`<path>.json`) holds for this very file."""
+        with the "brain_distance" fit its metadata (`<path>.json`) holds for this very file;
+        `sha256` is the .h5's when the caller has already checked it (no second hashing)."""
         import hashlib
         import importlib.util
         import json
@@ -230,8 +225,8 @@ class GuardNet:
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             # The fit belongs to one network: never pair it with another file's features.
-            if "embedding" in meta and meta.get("sha256") == hashlib.sha256(
-                    path.read_bytes()).hexdigest():
+            if "embedding" in meta and meta.get("sha256") == (
+                    sha256 or hashlib.sha256(path.read_bytes()).hexdigest()):
                 embedding = embedding_from_metadata(meta["embedding"])
         onnx = path.with_suffix(".onnx")
         if (onnx_sha256 and onnx.is_file() and importlib.util.find_spec("onnxruntime")

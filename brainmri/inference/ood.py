@@ -45,6 +45,8 @@ __all__ = [
     "fit_gaussian",
     "fit_guard",
     "gaussian_distance",
+    "gaussian_from_metadata",
+    "gaussian_to_metadata",
     "image_features",
 ]
 
@@ -347,9 +349,7 @@ class OODGuard:
             "whitening_float32_base64": base64.b64encode(
                 self.whitening.astype("<f4").tobytes()).decode("ascii"),
             **({"exposure": self.exposure.to_metadata()} if self.exposure is not None else {}),
-            **({"appearance": {"mean": np.round(self.appearance[0], 6).tolist(),
-                               "whitening_float32_base64": base64.b64encode(
-                                   self.appearance[1].astype("<f4").tobytes()).decode("ascii")}}
+            **({"appearance": gaussian_to_metadata(*self.appearance)}
                if self.appearance is not None else {}),
             **self.info,
         }
@@ -365,12 +365,7 @@ class OODGuard:
                 if k not in ("bounds", "centroids", "whitening_float32_base64", "exposure",
                              "appearance")}
         exposure = Exposure.from_metadata(meta["exposure"]) if "exposure" in meta else None
-        appearance = None
-        if "appearance" in meta:
-            mean = np.asarray(meta["appearance"]["mean"], np.float64)
-            white = np.frombuffer(base64.b64decode(meta["appearance"]["whitening_float32_base64"]),
-                                  "<f4").reshape(len(mean), len(mean)).astype(np.float64)
-            appearance = (mean, white)
+        appearance = gaussian_from_metadata(meta["appearance"]) if "appearance" in meta else None
         return cls(bounds, centroids, whitening.reshape(dims, dims).astype(np.float64), info,
                    exposure, appearance, network)
 
@@ -384,6 +379,21 @@ def fit_gaussian(rows: np.ndarray, shrinkage: float = 0.01) -> tuple[np.ndarray,
     cov = (1 - shrinkage) * cov + shrinkage * average * np.eye(len(cov))
     # Cholesky of the precision: ||(x - mu) @ W||² is the squared Mahalanobis distance.
     return rows.mean(axis=0), np.linalg.cholesky(np.linalg.inv(cov))
+
+
+def gaussian_to_metadata(mean: np.ndarray, whitening: np.ndarray) -> dict[str, Any]:
+    """JSON form of a `fit_gaussian` fit: the mean, and the whitening as float32 base64."""
+    return {"mean": np.round(np.asarray(mean, np.float64), 6).tolist(),
+            # float32, row-major, base64: a 128×128 matrix as JSON numbers would be ~200 KB.
+            "whitening_float32_base64": base64.b64encode(
+                np.asarray(whitening).astype("<f4").tobytes()).decode("ascii")}
+
+
+def gaussian_from_metadata(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, whitening) from `gaussian_to_metadata`'s form."""
+    mean = np.asarray(meta["mean"], np.float64)
+    white = np.frombuffer(base64.b64decode(meta["whitening_float32_base64"]), "<f4")
+    return mean, white.reshape(len(mean), len(mean)).astype(np.float64)
 
 
 def gaussian_distance(rows: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
