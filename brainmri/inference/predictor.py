@@ -262,7 +262,7 @@ class Predictor:
         if hashlib.sha256(path.read_bytes()).hexdigest() != link["sha256"]:
             raise ModelError(f"{path.name} is not the guard network {self.card.model_path.name} "
                              f"was calibrated with (sha256 differs); run `brainmri calibrate`.")
-        return GuardNet.load(path, link.get("onnx_sha256"))
+        return GuardNet.load(path, link.get("onnx_sha256"), sha256=link["sha256"])
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Uncalibrated softmax outputs (N, classes) in the model's output order."""
