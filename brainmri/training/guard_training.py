@@ -143,7 +143,7 @@ class GuardData:
     val_collections: np.ndarray
     negatives: np.ndarray  # uint8: real, then synthetic
     categories: np.ndarray  # category of each negative ("exposure_*" for synthetic ones)
-    sources: np.ndarray  # source repository ("synthetic" / "training split" for ours)
+    sources: np.ndarray  # source repository; "synthetic", or "training split: <collection>"
     names: np.ndarray  # "<category>/<file>" of real negatives, "" for synthetic ones
 
     @property
@@ -189,7 +189,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
     for i in np.linspace(0, len(train) - 1, min(config.ct_like, len(train))).astype(int):
         inputs.append(ood_sets.ct_like(train_u8[i, :, :, 0], rng)[..., None].astype(np.float32) / 255)
         categories.append("exposure_ct_like")
-        sources.append("training split")
+        sources.append(ood_sets.made_from_slices(collections[train][i]))
         names.append("")
     side = guardnet.GUARD_SIDE
     return GuardData(guardnet.shrink(train_u8, side), collections[train],
@@ -253,8 +253,10 @@ def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None 
         keep = data.collections != collection
         if len(set(data.collections[keep].tolist())) == 0:
             continue
-        net, bound, distance_bound = _train_and_bound(data, np.ones(len(data.negatives), bool),
-                                                      keep, config, progress)
+        # Nor the negatives made from its slices (patches, inversions, CT look-alikes): they
+        # would teach the fold that collection's look as "not brain".
+        negatives = data.sources != ood_sets.made_from_slices(collection)
+        net, bound, distance_bound = _train_and_bound(data, negatives, keep, config, progress)
         theirs = data.val_collections == collection
         rate = float((np.minimum(*margins(net, data.val[theirs], bound, distance_bound)) < 0).mean())
         report["collections"][collection] = {"images": int(theirs.sum()),
@@ -267,7 +269,8 @@ def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None 
     report["rule"] = ("each real category refused by a guard network trained without it, at "
                       "the logit's and the distance's bounds set on validation (refused when "
                       "either margin is negative); each brain collection's validation slices "
-                      "judged by a network trained without that collection")
+                      "judged by a network trained without that collection and without the "
+                      "negatives made from its slices")
     report["folds_not_run"] = sorted(set(data.categories[data.real].tolist()) - set(categories))
     return report
 

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["OODImage", "RealNegative", "mri_variants", "photo_images", "ct_images",
            "synthetic_images", "exposure_negatives", "real_negatives", "as_mr_dicom",
-           "default_ood_root", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
+           "default_ood_root", "made_from_slices", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
 # Test categories whose family the exposure head saw: transforms of training-split images, and
@@ -249,6 +249,11 @@ def mri_variants(grey_images: list[np.ndarray], labels: list[str] | None = None,
         yield OODImage("mri_patch", f"patch-{i}", _png(patch), True, label)
         colour = cv2.applyColorMap(image, cv2.COLORMAP_JET)
         yield OODImage("mri_false_colour", f"false-colour-{i}", _jpeg(colour), True, label)
+
+
+def made_from_slices(collection: str) -> str:
+    """The `source` of a synthetic negative made from one of `collection`'s training slices."""
+    return f"training split: {collection}"
 
 
 def exposure_negatives(grey_images: list[np.ndarray], seed: int = 20261122) -> Iterator[bytes]:

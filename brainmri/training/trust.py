@@ -150,12 +150,16 @@ def synthetic_negative_files(data: CachedDataset, train: np.ndarray,
     guard network both learn from: a patch and an inversion of `slices` training slices, and
     noise, gradients, text, checkerboards and blanks."""
     chosen = train[np.linspace(0, len(train) - 1, min(slices, len(train))).astype(int)]
-    greys = []
+    greys, made_from = [], []
     for i in chosen:
         grey = cv2.imdecode(np.frombuffer(data.file(i).read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
         if grey is not None:
             greys.append(grey)
-    items = [("exposure_" + ("patch" if k % 2 == 0 else "inverted"), "training split", png)
+            made_from.append(data.collections[i])
+    # The source names the slice's collection: a guard fold that leaves a brain collection out
+    # must not learn that collection's look from its patches and inversions as negatives.
+    items = [("exposure_" + ("patch" if k % 2 == 0 else "inverted"),
+              ood_sets.made_from_slices(made_from[k // 2]), png)
              for k, png in enumerate(ood_sets.exposure_negatives(greys))]
     # Noise, gradients, text, checkerboards and blanks from other seeds than the test set's:
     # with LGG's tightly cropped slices in validation, the cheap bounds no longer refuse

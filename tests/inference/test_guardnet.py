@@ -202,3 +202,35 @@ def test_a_model_whose_guard_network_lost_its_distance_fit_refuses_to_serve(tmp_
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="brain_distance"):
         Predictor.from_path(tmp_path / "brainmri_cnn.h5").guard
+
+
+def test_a_collection_fold_drops_the_negatives_made_from_that_collections_slices(monkeypatch):
+    """Patches, inversions and CT look-alikes of a collection's slices would teach the fold
+    that collection's look as "not brain": the fold that leaves it out must not see them."""
+    made_from_slices = ood_sets.made_from_slices
+    grey = np.zeros((1, 64, 64, 1), np.uint8)
+    data = guard_training.GuardData(
+        positives=np.repeat(grey, 4, 0), collections=np.array(["lgg", "lgg", "sartaj", "sartaj"]),
+        val=np.repeat(grey, 2, 0), val_collections=np.array(["lgg", "sartaj"]),
+        negatives=np.repeat(grey, 4, 0),
+        categories=np.array(["head_ct", "exposure_patch", "exposure_ct_like", "exposure_noise"]),
+        sources=np.array(["repo", made_from_slices("lgg"), made_from_slices("sartaj"),
+                          "synthetic"]),
+        names=np.array(["head_ct/a.png", "", "", ""]))
+    seen = {}
+
+    class _Net:
+        def scores(self, images):
+            return {"brain_likeness": np.ones(len(images)), "brain_distance": np.zeros(len(images))}
+
+    def fake(data, keep_neg, keep_pos, config, progress):
+        left_out = sorted(set(data.collections[~keep_pos].tolist()))
+        seen[tuple(left_out) or ("category fold",)] = data.sources[keep_neg].tolist()
+        return _Net(), 0.0, 1.0
+
+    monkeypatch.setattr(guard_training, "_train_and_bound", fake)
+    report = guard_training.held_out(data, guard_training.GuardConfig())
+    assert made_from_slices("sartaj") not in seen[("sartaj",)]
+    assert made_from_slices("lgg") in seen[("sartaj",)] and "repo" in seen[("sartaj",)]
+    assert made_from_slices("lgg") not in seen[("lgg",)]
+    assert set(report["collections"]) == {"lgg", "sartaj"}
