@@ -33,8 +33,8 @@ from ..inference import ood
 from . import ood_sets
 from .dataset import load_datasets
 
-__all__ = ["GuardConfig", "GuardData", "assemble", "fit", "fit_distance", "margins", "record_fold",
-           "sample_epoch", "train_guardnet"]
+__all__ = ["GuardConfig", "GuardData", "assemble", "drop_listed", "fit", "fit_distance", "margins",
+           "record_fold", "sample_epoch", "train_guardnet"]
 
 
 @dataclass(frozen=True)
@@ -156,17 +156,27 @@ def _to_u8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def drop_listed(indices: np.ndarray, paths: list[str], listed: set[str]) -> np.ndarray:
+    """`indices` less those whose path is in `listed` (`trust.listed_not_mri`), in order."""
+    return np.array([i for i in indices if paths[i] not in listed], int)
+
+
 def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int = 128,
              config: GuardConfig = GuardConfig(), cache_dir: Path | None = None,
              progress=None) -> GuardData:
-    """Load positives (train/val of `manifest`), real negatives and synthetic negatives."""
+    """Load positives (train/val of `manifest`, less slices an audit found not to be MRI),
+    real negatives and synthetic negatives."""
     from .trust import _split_indices
+    from .trust import listed_not_mri
     from .trust import synthetic_negative_files
 
     data = load_datasets(data_roots, size, cache_dir=cache_dir, progress=progress)
     splits = _split_indices(data, manifest)
     collections = np.array(data.collections)
-    train, val = splits["train"], splits["val"]
+    # Head CT filed among SARTAJ's MRI (audits/*.tsv) is no brain MRI slice: the guard must not
+    # learn it as one, nor make patches and inversions of it.
+    train = drop_listed(splits["train"], data.paths, listed_not_mri())
+    val = splits["val"]
     inputs, categories, sources, names = [], [], [], []
     for negative in ood_sets.real_negatives(ood_root):
         try:

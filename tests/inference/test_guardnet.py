@@ -234,3 +234,11 @@ def test_a_collection_fold_drops_the_negatives_made_from_that_collections_slices
     assert made_from_slices("lgg") in seen[("sartaj",)] and "repo" in seen[("sartaj",)]
     assert made_from_slices("lgg") not in seen[("lgg",)]
     assert set(report["collections"]) == {"lgg", "sartaj"}
+
+
+def test_slices_an_audit_found_not_to_be_mri_are_no_guard_positives():
+    paths = ["sartaj/Training/a.jpg", "sartaj/Training/ct.jpg", "lgg/p1/b.tif"]
+    kept = guard_training.drop_listed(np.array([2, 1, 0]), paths, {"sartaj/Training/ct.jpg"})
+    assert kept.tolist() == [2, 0]
+    from brainmri.training.trust import listed_not_mri
+    assert any(path.startswith("sartaj/Training/") for path in listed_not_mri())
