@@ -303,7 +303,10 @@ def ct_like(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     soft = cv2.GaussianBlur(image, (0, 0), sigma)
     # Brain window: tissue at 30-55 % grey with 15-45 % of the MRI's contrast.
     level, spread = rng.uniform(0.3, 0.55), rng.uniform(0.15, 0.45)
-    tissue = level + spread * (soft - soft[inner > 0].mean() if inner.any() else 0.0)
+    # A head too small to keep any tissue inside its bone ring (a slice near the end of a
+    # volume) has no inner mean; centring on the whole image keeps `tissue` an array.
+    centre = soft[inner > 0].mean() if inner.any() else soft.mean()
+    tissue = level + spread * (soft - centre)
     out = np.zeros_like(image)
     out[filled > 0] = rng.uniform(0.25, 0.45)  # skin and scalp: soft tissue
     out[outer > 0] = rng.uniform(0.85, 1.0)  # bone

@@ -42,6 +42,15 @@ def test_each_epoch_draws_every_group_equally_whatever_its_size():
         assert (negatives[neg] == category).mean() == pytest.approx(1 / 3, abs=0.04)
 
 
+def test_ct_like_copes_with_a_head_too_small_to_keep_tissue_inside_its_skull():
+    """An end-of-volume slice with a sliver of tissue: the bone ring erodes it all away."""
+    grey = np.zeros((128, 128), np.uint8)
+    grey[60:66, 60:66] = 200
+    for seed in range(5):
+        fake = ood_sets.ct_like(grey, np.random.default_rng(seed))
+        assert fake.shape == grey.shape and fake.dtype == np.uint8
+
+
 def test_ct_like_keeps_the_outline_with_a_bright_skull_around_flat_tissue():
     grey = synthetic_slice(160, 3)
     fake = ood_sets.ct_like(grey, np.random.default_rng(0))
