@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TAP_BLOCKS = (4, 7, 10)  # the last block of Lite0's 40-, 80- and 112-channel stages
+TAIL = 0.005  # the validation tail both bounds start from, as GuardConfig.tail
 
 
 def trunk_features(images: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -72,9 +73,7 @@ class Fold:
         self.head = LogisticRegression(C=c, max_iter=5000).fit(
             self._z(rows), np.r_[np.ones(len(pos)), np.zeros(len(neg))], sample_weight=weights)
         self.gaussian = ood.fit_gaussian(self._z(pos), shrinkage)
-        logit, distance = self._scores(val)
-        self.logit = (np.median(logit), np.quantile(logit, 0.005))
-        self.distance = (np.median(distance), np.quantile(distance, 0.995))
+        self.val_logit, self.val_distance = self._scores(val)
 
     def _z(self, rows):
         return (rows - self.mean) / self.scale
@@ -86,10 +85,14 @@ class Fold:
         return self.head.decision_function(z), ood.gaussian_distance(z, *self.gaussian)
 
     def refused(self, rows, widen: float) -> tuple[np.ndarray, np.ndarray]:
-        """Refused by the logit, and by the distance, with both bounds widened by `widen`."""
+        """Refused by the logit, and by the distance, with both bounds widened by `widen`
+        (`ood._bound`, as the shipped guard's bounds)."""
+        from brainmri.inference import ood
+
         logit, distance = self._scores(rows)
-        (lm, lq), (dm, dq) = self.logit, self.distance
-        return logit < lq - widen * (lm - lq), distance > dq + widen * (dq - dm)
+        low, _ = ood._bound(self.val_logit, "low", TAIL, widen)
+        _, high = ood._bound(self.val_distance, "high", TAIL, widen)
+        return logit < low, distance > high
 
 
 def main() -> None:
