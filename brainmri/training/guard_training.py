@@ -199,7 +199,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
     for i in np.linspace(0, len(train) - 1, min(config.ct_like, len(train))).astype(int):
         inputs.append(ood_sets.ct_like(train_u8[i, :, :, 0], rng)[..., None].astype(np.float32) / 255)
         categories.append("exposure_ct_like")
-        sources.append(ood_sets.made_from_slices(collections[train][i]))
+        sources.append(ood_sets.made_from_slices(collections[train[i]]))
         names.append("")
     side = guardnet.GUARD_SIDE
     return GuardData(guardnet.shrink(train_u8, side), collections[train],
