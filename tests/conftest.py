@@ -160,8 +160,10 @@ class FakePredictor:
             raise result
         return result
 
-    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True) -> list:
-        """Per input a Prediction, or the NotBrainMRI refusal (returned) when the guard is on."""
+    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True,
+                              peaks=None) -> list:
+        """Per input a Prediction, or the NotBrainMRI refusal (returned) when the guard is on
+        (`peaks`, the files' peak brightness, is accepted as the real one is, and not used)."""
         from brainmri.inference import NotBrainMRI
         from brainmri.inference import Verdict
 

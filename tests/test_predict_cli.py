@@ -35,10 +35,11 @@ class ScreeningPredictor(FakePredictor):
         """Refuse on the real colour measurement of the upload (from its one decode)."""
         return ("colourfulness",) if (colourfulness or 0.0) > 0.1 else ()
 
-    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True) -> list:
+    def predict_checked_batch(self, images, colourfulness=None, guard: bool = True,
+                              peaks=None) -> list:
         """Record the batch size, then screen and classify."""
         self.batches.append(len(images))
-        return super().predict_checked_batch(images, colourfulness, guard)
+        return super().predict_checked_batch(images, colourfulness, guard, peaks)
 
 
 def colour_photo(size: int = 160) -> np.ndarray:

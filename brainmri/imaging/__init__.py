@@ -11,6 +11,7 @@ from .decode import colourfulness
 from .decode import decode_file
 from .decode import decode_image
 from .decode import image_dimensions
+from .decode import peak_brightness
 from .decode import sniff_format
 from .dicom import MODALITY_NAMES
 from .dicom import decode_dicom
@@ -48,6 +49,7 @@ __all__ = [
     "image_dimensions",
     "load_scan",
     "locate_head",
+    "peak_brightness",
     "preprocess",
     "read_scan",
     "resize_mask",

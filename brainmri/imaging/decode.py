@@ -23,6 +23,7 @@ __all__ = [
     "decode_file",
     "decode_image",
     "image_dimensions",
+    "peak_brightness",
     "sniff_format",
 ]
 
@@ -145,10 +146,11 @@ def _is_truncated(data: bytes, fmt: str) -> bool:
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decode of a file: its grayscale pixels, and how colourful the file's own pixels are."""
+    """One decode of a file: its grayscale pixels, how colourful and how bright its own pixels are."""
 
     grey: np.ndarray  # 2-D float32 in the file's value range, as `decode_image` returns it
     colourfulness: float  # `colourfulness` of the decoded pixels; 0 for grey files and DICOM
+    peak_brightness: float | None = None  # `peak_brightness`; None where there is no full scale
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -170,7 +172,24 @@ def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         ImageError: as `decode_image`.
     """
     pixels = _decode_pixels(data, max_pixels)
-    return Decoded(_grey(pixels), colourfulness(pixels))
+    grey = _grey(pixels)
+    return Decoded(grey, colourfulness(pixels), peak_brightness(pixels, grey))
+
+
+def peak_brightness(pixels: np.ndarray, grey: np.ndarray | None = None) -> float | None:
+    """The 99th percentile of an 8-bit file's grey pixels as a share of full brightness (255).
+
+    An 8-bit PNG or JPEG is a display image: its exporter mapped the scan's range onto 0-255, so
+    a slice whose brightest pixels stay near black shows no anatomy, however far preprocessing
+    would stretch it (the first and last slices of a volume: noise). 16-bit files and DICOM hold
+    scanner units with no full scale, so they are not measured (None). `grey`: the same
+    pixels as `_grey` gives them, when the caller has them already.
+    """
+    if pixels.dtype != np.uint8:
+        return None
+    grey = _grey(pixels) if grey is None else grey
+    step = max(1, max(grey.shape) // 256)  # every pixel of a 256² slice, a quarter of a 512²
+    return float(np.percentile(grey[::step, ::step], 99) / 255.0)
 
 
 def colourfulness(pixels: np.ndarray, max_side: int = 256) -> float:

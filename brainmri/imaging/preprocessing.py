@@ -222,17 +222,20 @@ def load_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
 
 @dataclass(frozen=True)
 class Scan:
-    """An upload decoded once: the network's input, and the colour of the file's own pixels."""
+    """An upload decoded once: the network's input, and the colour and brightness of the file's
+    own pixels (both for the guard)."""
 
     model_input: np.ndarray  # (size, size, 1) float32 in [0, 1], as `load_scan` returns it
     colourfulness: float  # `decode.colourfulness`, for the guard; 0 for grey files and DICOM
+    peak_brightness: float | None = None  # `decode.peak_brightness`; None: no full scale
 
 
 def read_scan(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
-    """`load_scan`, with the colour measured on the same decode (the guard's colour check).
+    """`load_scan`, with the colour and peak brightness measured on the same decode (the
+    guard's colour and near-black checks).
 
     Raises:
         ImageError: the bytes are not a usable image.
     """
     decoded = decode_file(data, max_pixels=max_pixels)
-    return Scan(preprocess(decoded.grey, size), decoded.colourfulness)
+    return Scan(preprocess(decoded.grey, size), decoded.colourfulness, decoded.peak_brightness)

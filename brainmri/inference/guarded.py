@@ -2,8 +2,8 @@
 
 The one path the result page, the JSON API (single and batch) and `brainmri predict` all take,
 so a file gets the same answer wherever it is sent: decode and preprocess each file once
-(`Predictor.prepare_scan`: the network's input and the colour the guard checks), one forward
-pass for every file that decoded, the out-of-distribution guard on each
+(`Predictor.prepare_scan`: the network's input, and the colour and peak brightness the guard
+checks), one forward pass for every file that decoded, the out-of-distribution guard on each
 (`Predictor.predict_checked_batch`), temperature calibration, and the "uncertain" flag against
 the model's fitted threshold. No Flask: web/uploads.py wraps it for requests
 (model choice, config default, logging) and cli.py for folders of files.
@@ -127,7 +127,8 @@ def classify_prepared(predictor, prepared: Sequence[Scan | Exception], uncertain
         ready.append(index)
         scans.append(item)
     results = (predictor.predict_checked_batch([scan.model_input for scan in scans],
-                                               [scan.colourfulness for scan in scans], guard=guard)
+                                               [scan.colourfulness for scan in scans], guard=guard,
+                                               peaks=[scan.peak_brightness for scan in scans])
                if scans else [])
     for index, scan, result in zip(ready, scans, results):
         if isinstance(result, Prediction):

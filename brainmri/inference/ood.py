@@ -16,7 +16,8 @@ non-brain MRI that the other checks let through resemble brain tissue in the net
 features; the descriptor sees the bright CT skull, the missing skull ring of a knee, and so on.
 
 Every bound is fitted on the validation split by `brainmri calibrate` and stored in the model
-metadata under "ood"; nothing here is a hard-coded threshold. No TensorFlow, no Flask.
+metadata under "ood", except one physical rule (`FIXED_BOUNDS`): an 8-bit file that is almost
+black shows no anatomy. No TensorFlow, no Flask.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from ..imaging import ImageError
 __all__ = [
     "EXPOSURE_INPUTS",
     "FEATURES",
+    "FIXED_BOUNDS",
+    "PEAK_FLOOR",
     "Exposure",
     "NotBrainMRI",
     "OODGuard",
@@ -74,7 +77,21 @@ FEATURES: dict[str, tuple[str, float, str]] = {
     "brain_distance": ("high", 0.0,
                        "it is unlike every brain MRI slice the guard network learnt from, even "
                        "though it resembles none of the images it was taught to refuse"),
+    "peak_brightness": ("low", 0.0,
+                        "it is almost black: its brightest pixels stay under 5 % of full "
+                        "brightness, so no anatomy is in view"),
 }
+
+# Bounds that are rules rather than fits. `peak_brightness` (`imaging.peak_brightness`, 8-bit
+# files only): LGG's first and last slices, exported at a few grey levels of 255, are noise
+# that preprocessing stretches into a full-range frame; a fitted bound would sit below them,
+# since validation holds such slices too. 5 % (13 of 255) was read off LGG's training split by
+# eye (302 of its 7,648 images lie under it): of 10 under 8 of 255 none showed anatomy, of 40
+# from 8 to 13 three showed a faint head outline and the rest noise, ghosts or a blur; from 13
+# to 30 more and more show a head, so the floor stays below them. No SARTAJ file comes near
+# it (lowest 80 of 255).
+PEAK_FLOOR = 0.05
+FIXED_BOUNDS: dict[str, tuple[float | None, float | None]] = {"peak_brightness": (PEAK_FLOOR, None)}
 
 # Cheap measurements the exposure head sees beside the pooled features (colour is left out:
 # DICOM and grey files have none, and colour photos are refused on it already).
@@ -103,9 +120,11 @@ class Verdict:
     scores: dict[str, float]
 
 
-def image_features(model_input: np.ndarray, colourfulness: float | None = None) -> dict[str, float]:
+def image_features(model_input: np.ndarray, colourfulness: float | None = None,
+                   peak_brightness: float | None = None) -> dict[str, float]:
     """Cheap measurements of one preprocessed input (size, size, 1) in [0, 1], with the colour
-    of its file (`imaging.read_scan` measures it on the one decode; None: grey)."""
+    and peak brightness of its file (`imaging.read_scan` measures both on the one decode; None:
+    grey, and no full scale: "peak_brightness" is then left out, so never checked)."""
     x = np.asarray(model_input, np.float32).reshape(model_input.shape[0], model_input.shape[1])
     side = x.shape[0]
     ring = max(1, side // 12)
@@ -118,13 +137,16 @@ def image_features(model_input: np.ndarray, colourfulness: float | None = None) 
     # Mean absolute Laplacian: noise, text and checkerboards are far busier than MRI tissue;
     # a blank image has none at all.
     texture = float(np.abs(cv2.Laplacian(x, cv2.CV_32F, ksize=3)).mean())
-    return {
+    features = {
         "colourfulness": float(colourfulness or 0.0),
         "border_brightness": float(border.mean()),
         "dark_fraction": float((x < 0.1).mean()),
         "head_fraction": float(head),
         "texture": texture,
     }
+    if peak_brightness is not None:
+        features["peak_brightness"] = float(peak_brightness)
+    return features
 
 
 DESCRIPTOR_BINS = 16
@@ -309,20 +331,25 @@ class OODGuard:
         return Verdict(bool(reasons), tuple(reasons), {k: float(v) for k, v in features.items()})
 
     def assess(self, model_input: np.ndarray, colourfulness: float | None,
-               embedding: np.ndarray | None) -> Verdict:
-        """Measure one input (with its file's colour and the network's pooled features, when
-        known) and check it."""
-        return self.assess_many([model_input], [colourfulness], embedding)[0]
+               embedding: np.ndarray | None, peak_brightness: float | None = None) -> Verdict:
+        """Measure one input (with its file's colour and peak brightness and the network's
+        pooled features, when known) and check it."""
+        return self.assess_many([model_input], [colourfulness], embedding, [peak_brightness])[0]
 
-    def assess_many(self, model_inputs, colours, embeddings: np.ndarray | None) -> list[Verdict]:
+    def assess_many(self, model_inputs, colours, embeddings: np.ndarray | None,
+                    peaks=None) -> list[Verdict]:
         """Measure and check several inputs; the guard network runs once for all of them.
 
         Args:
             model_inputs: preprocessed inputs, each (size, size, 1) in [0, 1].
             colours: each input's file colour (`imaging.read_scan`; None: grey, not measured).
             embeddings: the classifier's pooled features, (N, C), or None when unknown.
+            peaks: each input's file peak brightness (`imaging.read_scan`; None, or no list:
+                not measured, not checked).
         """
-        rows = [image_features(x, colour) for x, colour in zip(model_inputs, colours)]
+        peaks = list(peaks) if peaks is not None else [None] * len(model_inputs)
+        rows = [image_features(x, colour, peak)
+                for x, colour, peak in zip(model_inputs, colours, peaks)]
         if not rows:
             return []
         if embeddings is not None and len(self.centroids):
@@ -486,7 +513,8 @@ def fit_guard(val_features: Mapping[str, np.ndarray], train_embeddings: np.ndarr
     whitening = np.linalg.cholesky(np.linalg.inv(covariance))
     bounds = {name: _bound(np.asarray(val_features[name], np.float64), FEATURES[name][0], tail,
                            margin, FEATURES[name][1])
-              for name in FEATURES if name in val_features}
+              for name in FEATURES if name in val_features and name not in FIXED_BOUNDS}
+    bounds.update(FIXED_BOUNDS)
     guard = OODGuard(bounds, centroids, whitening)
     distances = guard.distance(val_embeddings)
     if distance_margin is None:

@@ -301,24 +301,29 @@ class Predictor:
         """Classify one preprocessed slice of shape (size, size, 1) scaled to [0, 1] (calibrated)."""
         return self._to_prediction(self.predict_arrays(image[None, ...])[0])
 
-    def predict_checked(self, image: np.ndarray, colourfulness: float | None = None) -> Prediction:
+    def predict_checked(self, image: np.ndarray, colourfulness: float | None = None,
+                        peak_brightness: float | None = None) -> Prediction:
         """Refuse inputs that are not brain MRI slices, else classify (calibrated), in one pass.
 
         Args:
             image: the preprocessed slice, (size, size, 1) in [0, 1].
             colourfulness: the file's colour (`prepare_scan`), for the colour check (None: grey).
+            peak_brightness: the file's peak brightness (`prepare_scan`), for the near-black
+                check (None: not measured).
 
         Raises:
             NotBrainMRI: the fitted guard refuses the input (no class is given).
         """
-        result = self.predict_checked_batch([image], [colourfulness])[0]
+        result = self.predict_checked_batch([image], [colourfulness], peaks=[peak_brightness])[0]
         if isinstance(result, NotBrainMRI):
             raise result
         return result
 
     def predict_checked_batch(self, images: Sequence[np.ndarray],
                               colourfulness: Sequence[float | None] | None = None,
-                              guard: bool = True) -> list[Prediction | NotBrainMRI]:
+                              guard: bool = True,
+                              peaks: Sequence[float | None] | None = None,
+                              ) -> list[Prediction | NotBrainMRI]:
         """Screen and classify (calibrated) several preprocessed slices in one forward pass.
 
         Args:
@@ -326,6 +331,8 @@ class Predictor:
             colourfulness: each slice's file colour (`prepare_scan`), for the colour check
                 (None: grey).
             guard: False skips the out-of-distribution guard (research use).
+            peaks: each slice's file peak brightness (`prepare_scan`), for the near-black
+                check (None: not measured).
 
         Returns:
             Per input, in order, its Prediction or the NotBrainMRI refusal; refusals are
@@ -336,7 +343,8 @@ class Predictor:
         colours = list(colourfulness) if colourfulness is not None else [None] * len(images)
         probs, features = self.forward(np.stack(images))
         screen = self.guard if guard else None
-        verdicts = screen.assess_many(images, colours, features) if screen is not None else None
+        verdicts = (screen.assess_many(images, colours, features, peaks)
+                    if screen is not None else None)
         results: list[Prediction | NotBrainMRI] = []
         for i in range(len(images)):
             if verdicts is not None and verdicts[i].refused:
@@ -398,7 +406,8 @@ class Predictor:
         return load_scan(data, self.input_size, max_pixels=self.max_pixels)
 
     def prepare_scan(self, data: bytes) -> Scan:
-        """`prepare`, with the file's colour from the same decode, for `predict_checked_batch`."""
+        """`prepare`, with the file's colour and peak brightness from the same decode, for
+        `predict_checked_batch`."""
         return read_scan(data, self.input_size, max_pixels=self.max_pixels)
 
     def predict_bytes(self, data: bytes) -> Prediction:

@@ -86,12 +86,13 @@ def _decode_error(text: str) -> tuple[str, Exception]:
 
 def prepare_chunk(row: dict[str, Any], size: int, max_pixels: int) -> dict[str, Any]:
     """Ray task: read and preprocess one chunk's files (one decode each: the network's input
-    and the colour the guard checks); errors become that file's error text."""
+    and the colour and peak brightness the guard checks); errors become that file's error text."""
     from ..imaging import read_scan
 
     paths = [str(path) for path in row["paths"]]
     images = np.zeros((len(paths), size, size, 1), np.float32)
     colours = np.zeros(len(paths), np.float64)
+    peaks = np.full(len(paths), np.nan)  # NaN: not measured (16-bit, DICOM)
     errors: list[str] = []
     for index, path in enumerate(paths):
         try:
@@ -105,9 +106,11 @@ def prepare_chunk(row: dict[str, Any], size: int, max_pixels: int) -> dict[str, 
             errors.append(_encode_error("prepare", exc))
             continue
         images[index], colours[index] = scan.model_input, scan.colourfulness
+        if scan.peak_brightness is not None:
+            peaks[index] = scan.peak_brightness
         errors.append("")
     return {"chunk": row["chunk"], "paths": paths, "images": images, "colourfulness": colours,
-            "errors": errors}
+            "peak_brightness": peaks, "errors": errors}
 
 
 class Scorer:
@@ -139,8 +142,9 @@ class Scorer:
         from . import guarded
 
         results = []
-        for paths, images, colours, errors in zip(batch["paths"], batch["images"],
-                                                  batch["colourfulness"], batch["errors"]):
+        for paths, images, colours, peaks, errors in zip(
+                batch["paths"], batch["images"], batch["colourfulness"], batch["peak_brightness"],
+                batch["errors"]):
             outcomes: dict[int, Outcome] = {}
             read: list[int] = []
             prepared: list[Scan | Exception] = []
@@ -152,7 +156,9 @@ class Scorer:
                         continue
                     prepared.append(error)
                 else:
-                    prepared.append(Scan(images[index], float(colours[index])))
+                    peak = float(peaks[index])
+                    prepared.append(Scan(images[index], float(colours[index]),
+                                         None if np.isnan(peak) else peak))
                 read.append(index)
             classified = guarded.classify_prepared(
                 self.predictor, prepared, self.uncertain_below, guard=self.guard, isolate=True)

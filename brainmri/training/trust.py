@@ -56,12 +56,13 @@ def _canonical(predictor, probs: np.ndarray) -> np.ndarray:
 
 
 def measure_images(predictor, images: np.ndarray, colours: list[float | None], batch: int = 128,
-                   network=None):
+                   network=None, peaks: list[float | None] | None = None):
     """Uncalibrated softmax (canonical order), pooled features, cheap features and descriptors.
 
-    `colours` holds each image's file colour (`imaging.read_scan`; None: not measured, grey).
-    With a guard `network`, its "brain_likeness" logit (and "brain_distance", when fitted) join
-    the cheap features.
+    `colours` holds each image's file colour, `peaks` its file's peak brightness
+    (`imaging.read_scan`; None: not measured: grey, and no "peak_brightness", which is then NaN
+    and never refused). With a guard `network`, its "brain_likeness" logit (and
+    "brain_distance", when fitted) join the cheap features.
     """
     probs, embeddings = [], []
     for start in range(0, len(images), batch):
@@ -70,8 +71,12 @@ def measure_images(predictor, images: np.ndarray, colours: list[float | None], b
         embeddings.append(e)
     probs_all = _canonical(predictor, np.concatenate(probs)) if probs else np.zeros((0, len(CLASSES)))
     emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
-    cheap = [ood.image_features(image, colour) for image, colour in zip(images, colours)]
-    features = {name: np.array([row[name] for row in cheap]) for name in (cheap[0] if cheap else {})}
+    peaks = list(peaks) if peaks is not None else [None] * len(images)
+    cheap = [ood.image_features(image, colour, peak)
+             for image, colour, peak in zip(images, colours, peaks)]
+    names = sorted({name for row in cheap for name in row})
+    features = {name: np.array([row.get(name, np.nan) for row in cheap], np.float64)
+                for name in names}
     if network is not None and len(images):
         features.update({name: values.astype(np.float64)
                          for name, values in network.scores(images).items()})
@@ -92,9 +97,17 @@ def _split_indices(data: CachedDataset, manifest: dict) -> dict[str, np.ndarray]
             for name, paths in manifest_splits(manifest).items()}
 
 
-def _colours(data: CachedDataset, indices: np.ndarray) -> list[float]:
-    """The files' colour, measured as an upload's decode does (the cache holds grey inputs)."""
-    return [decode_file(data.file(i).read_bytes()).colourfulness for i in indices]
+def _file_signals(data: CachedDataset, indices: np.ndarray) -> tuple[list[float], list[float | None]]:
+    """The files' colour and peak brightness, measured as an upload's decode does (the cache
+    holds preprocessed inputs only)."""
+    decoded = [decode_file(data.file(i).read_bytes()) for i in indices]
+    return [d.colourfulness for d in decoded], [d.peak_brightness for d in decoded]
+
+
+def _measure_set(predictor, data: CachedDataset, indices: np.ndarray, network=None):
+    """`measure_images` on cached slices, with their files' colour and peak brightness."""
+    colours, peaks = _file_signals(data, indices)
+    return measure_images(predictor, data.images[indices], colours, network=network, peaks=peaks)
 
 
 @dataclass
@@ -124,7 +137,7 @@ class _Measured:
 def _measure_files(predictor, items: list[tuple[str, str, bytes]], network=None,
                    names: list[str] | None = None) -> _Measured:
     """Prepare (the upload path) and measure (category, source, bytes) items."""
-    inputs, colours, categories, sources, kept = [], [], [], [], []
+    inputs, colours, peaks, categories, sources, kept = [], [], [], [], [], []
     unreadable: Counter = Counter()
     for k, (category, source, data) in enumerate(items):
         try:
@@ -134,12 +147,14 @@ def _measure_files(predictor, items: list[tuple[str, str, bytes]], network=None,
             continue
         inputs.append(scan.model_input)
         colours.append(scan.colourfulness)
+        peaks.append(scan.peak_brightness)
         categories.append(category)
         sources.append(source)
         kept.append(names[k] if names else "")
     size = predictor.input_size
     images = np.stack(inputs) if inputs else np.zeros((0, size, size, 1), np.float32)
-    _, emb, features, descriptors = measure_images(predictor, images, colours, network=network)
+    _, emb, features, descriptors = measure_images(predictor, images, colours, network=network,
+                                                   peaks=peaks)
     return _Measured(emb, features, descriptors, np.array(categories), np.array(sources),
                      dict(unreadable), np.array(kept) if names else None)
 
@@ -364,8 +379,7 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
 
     guard_path = Path(guard_network) if guard_network else model_path.parent / GUARD_FILE
     network, network_meta = _load_network(guard_path) if guard_path.is_file() else (None, None)
-    val_probs, val_emb, val_features, val_desc = measure_images(
-        predictor, data.images[val], _colours(data, val), network=network)
+    val_probs, val_emb, val_features, val_desc = _measure_set(predictor, data, val, network)
     # The centroids use every training slice; the head an even draw of them.
     _, train_emb, train_features, train_desc = measure_images(
         predictor, data.images[train], [None] * len(train))
@@ -511,8 +525,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
     for name, indices in sets.items():
         if not len(indices):
             continue
-        probs, emb, features, descriptors = measure_images(predictor, data.images[indices],
-                                                           _colours(data, indices), network=network)
+        probs, emb, features, descriptors = _measure_set(predictor, data, indices, network)
         calibrated = calibration.apply_temperature(probs, predictor.temperature)
         correct = calibrated.argmax(1) == y[indices]
         entry = {
@@ -537,23 +550,33 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             measured = {"emb": emb, "features": features, "descriptors": descriptors}
             verdicts = _verdicts(guard, measured)
             listed = np.array([data.paths[i] in not_mri for i in indices], bool)
+            # Nearly black files (ood.PEAK_FLOOR; NaN, not measured, compares False) show no
+            # anatomy: refusing them is right, so they are also tallied apart, beside the whole.
+            black = features.get("peak_brightness", np.full(len(indices), np.nan)) < ood.PEAK_FLOOR
+            seqs = [data.sequences[i] for i in indices]
+
+            def by_sequence(keep: np.ndarray) -> dict[str, Any]:
+                return {sequence: _tally([v for v, s, k in zip(verdicts, seqs, keep)
+                                          if s == sequence and k])
+                        for sequence in sorted(set(seqs) - {"unspecified"})}
+
             report["false_refusal"][name] = _tally(verdicts) | {
                 # Refusing a slice that is not MRI is right: the MRI-only figure leaves them out.
                 **({"mri_only": _tally([v for v, x in zip(verdicts, listed) if not x]),
                     "listed_not_mri": _tally([v for v, x in zip(verdicts, listed) if x])}
                    if listed.any() else {}),
-                "by_sequence": {
-                    sequence: _tally([v for v, s in zip(verdicts, seqs) if s == sequence])
-                    for seqs in [[data.sequences[i] for i in indices]]
-                    for sequence in sorted(set(seqs) - {"unspecified"})}}
+                **({"not_almost_black": _tally([v for v, b in zip(verdicts, black) if not b]),
+                    "almost_black": _tally([v for v, b in zip(verdicts, black) if b]),
+                    "by_sequence_not_almost_black": by_sequence(~black)}
+                   if black.any() else {}),
+                "by_sequence": by_sequence(np.ones(len(indices), bool))}
     if guard is not None:
         from .dataset import no_head_in_view
 
         blank = np.flatnonzero(no_head_in_view(data.images))
         if len(blank):
             # Should be refused: a blank frame has no head to classify.
-            _, emb, features, descriptors = measure_images(predictor, data.images[blank],
-                                                           _colours(data, blank), network=network)
+            _, emb, features, descriptors = _measure_set(predictor, data, blank, network)
             report["no_head_in_view"] = _tally(_verdicts(
                 guard, {"emb": emb, "features": features, "descriptors": descriptors}))
         # DICOM copies of every held-out test slice: the same pixels through the DICOM decoder.
@@ -586,7 +609,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
         model_input = scan.model_input
         probs, emb = predictor.forward(model_input[None, ...])
         # The served check, as an upload.
-        verdict = guard.assess(model_input, scan.colourfulness, emb)
+        verdict = guard.assess(model_input, scan.colourfulness, emb, scan.peak_brightness)
         entry["refused"] += int(verdict.refused)
         entry["reasons"].update(verdict.reasons)
         if not verdict.refused and image.label is not None:

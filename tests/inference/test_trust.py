@@ -181,6 +181,51 @@ def test_an_upload_is_decoded_once_and_the_guard_checks_that_decode(monkeypatch,
     assert refused.refused and "colourfulness" in refused.error.verdict.reasons
 
 
+def _dimmed(grey: np.ndarray, peak: int) -> np.ndarray:
+    """`grey` rescaled so that its brightest pixel is `peak` of 255 (a dim or near-black export)."""
+    return np.rint(grey.astype(np.float32) * (peak / max(int(grey.max()), 1))).astype(np.uint8)
+
+
+def test_an_almost_black_file_is_refused_as_such_on_the_shared_path(monkeypatch, tmp_path):
+    """An 8-bit slice whose brightest pixels stay at a few grey levels (a volume's end slice) is
+    stretched by preprocessing into a full-range frame; the guard refuses it on its file's peak
+    brightness, with a reason a user can read. A dim slice with anatomy is not refused on it."""
+    card = ModelCard(tmp_path / "m.h5", "m", "1", CLASSES, 64, 1, "0" * 64,
+                     {"ood": _fitted_guard().to_metadata()})
+    predictor = Predictor(card)  # real guard from its metadata; the forward pass is faked
+    monkeypatch.setattr(predictor, "forward", lambda batch: (
+        np.full((len(batch), len(CLASSES)), 0.25), np.zeros((len(batch), 6))))
+    grey = synthetic_slice(160, 100)
+    black, dim = encode(_dimmed(grey, 8)), encode(_dimmed(grey, 60))
+    assert read_scan(black, 64).peak_brightness < ood.PEAK_FLOOR < read_scan(dim, 64).peak_brightness
+    refused, dimmed, normal = classify_many(predictor, [black, dim, encode(grey)], 0.6)
+    assert refused.refused and "peak_brightness" in refused.error.verdict.reasons
+    assert "almost black" in str(refused.error) and "no anatomy" in str(refused.error)
+    assert not dimmed.refused or "peak_brightness" not in dimmed.error.verdict.reasons
+    assert normal.prediction is not None
+    # The rule is not fitted: it holds whatever the validation files were, and the metadata
+    # carries it; the same input with no full scale (16-bit, DICOM) is not judged by it.
+    assert predictor.guard.bounds["peak_brightness"] == (ood.PEAK_FLOOR, None)
+    scan = read_scan(black, 64)
+    assert "peak_brightness" not in predictor.guard.assess(scan.model_input, 0.0, None).reasons
+    # With the guard off (research use) it is classified like any other file.
+    (unguarded,) = classify_many(predictor, [black], 0.6, guard=False)
+    assert unguarded.prediction is not None
+
+
+def test_peak_brightness_is_measured_on_8_bit_files_only():
+    """PNG and JPEG: the 99th percentile of the grey pixels over 255. 16-bit PNGs and DICOM hold
+    scanner units with no full scale, so they are not measured (and never refused on it)."""
+    grey = synthetic_slice(160, 3)
+    top = np.percentile(grey, 99) / 255
+    assert read_scan(encode(grey), 64).peak_brightness == pytest.approx(top, abs=0.01)
+    assert read_scan(encode(grey, ".jpg"), 64).peak_brightness == pytest.approx(top, abs=0.02)
+    assert read_scan(encode(_dimmed(grey, 8)), 64).peak_brightness < ood.PEAK_FLOOR
+    assert read_scan(encode(grey.astype(np.uint16) * 257), 64).peak_brightness is None
+    assert read_scan(ood_sets.as_mr_dicom(_dimmed(grey, 8)), 64).peak_brightness is None
+    assert "peak_brightness" not in ood.image_features(read_scan(encode(grey), 64).model_input)
+
+
 def test_api_refuses_what_the_guard_refuses(client, predictor, png_bytes):
     predictor.refuse = ("colourfulness",)
     response = client.post("/api/v1/predict", data={"file": (io.BytesIO(png_bytes), "cat.png")},

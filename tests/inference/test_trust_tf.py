@@ -126,8 +126,8 @@ def test_shipped_guard_refuses_synthetic_images_and_passes_real_mris():
     manifest = manifest_splits(json.loads(MODEL.with_suffix(".splits.json").read_text()))
     test = np.array([index[p] for p in manifest["test"] if p in index])
     assert len(test) > 300  # the SARTAJ part of the held-out test split
-    _, embeddings, features, descriptors = trust.measure_images(
-        predictor, data.images[test], trust._colours(data, test), network=predictor.guard.network)
+    _, embeddings, features, descriptors = trust._measure_set(
+        predictor, data, test, network=predictor.guard.network)
     features.update(predictor.guard.model_scores(embeddings, features, descriptors))
     refused = [predictor.guard.check({k: v[i] for k, v in features.items()}).refused for i in range(len(test))]
     assert np.mean(refused) <= 0.02
