@@ -15,6 +15,7 @@ import pytest
 from brainmri.config import DEFAULTS
 from brainmri.imaging import PREPROCESSING_VERSION
 from brainmri.inference import guardnet
+from brainmri.inference import ood
 from brainmri.inference.registry import discover_models
 from brainmri.training.trust import GUARD_FILE
 
@@ -46,6 +47,10 @@ def test_every_shipped_model_screens_with_this_guard_network():
         assert link["sha256"] == META["sha256"] and link["bound"] == META["bound"]
         assert link["distance_bound"] == META["embedding"]["bound"]
         assert link["onnx_sha256"] == META["onnx_sha256"]
+        # The rules that are not fitted are in force too (written by `brainmri calibrate`).
+        bounds = json.loads(model.with_suffix(".json").read_text())["ood"]["bounds"]
+        for name, pair in ood.FIXED_BOUNDS.items():
+            assert tuple(bounds.get(name, ())) == pair, f"{model.name}: run `brainmri calibrate`"
 
 
 def test_the_guard_never_trained_on_a_models_validation_or_test_slice():
