@@ -102,7 +102,10 @@ class NotBrainMRI(ImageError):
     """The upload decoded fine but does not look like a brain MRI slice; no class is given."""
 
     def __init__(self, verdict: Verdict) -> None:
-        reasons = "; ".join(FEATURES[name][2] for name in verdict.reasons) or "it is out of range"
+        names = verdict.reasons
+        if "peak_brightness" in names:  # an almost-black file fails the rest because of it
+            names = ("peak_brightness",)
+        reasons = "; ".join(FEATURES[name][2] for name in names) or "it is out of range"
         super().__init__(
             "not_brain_mri",
             f"This does not look like a brain MRI slice ({reasons}), so no class is given. "

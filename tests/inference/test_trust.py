@@ -201,6 +201,9 @@ def test_an_almost_black_file_is_refused_as_such_on_the_shared_path(monkeypatch,
     refused, dimmed, normal = classify_many(predictor, [black, dim, encode(grey)], 0.6)
     assert refused.refused and "peak_brightness" in refused.error.verdict.reasons
     assert "almost black" in str(refused.error) and "no anatomy" in str(refused.error)
+    # Its one plain reason, not those of the checks that fail because of it.
+    assert len(refused.error.verdict.reasons) > 1, refused.error.verdict.reasons
+    assert ";" not in str(refused.error)
     assert not dimmed.refused or "peak_brightness" not in dimmed.error.verdict.reasons
     assert normal.prediction is not None
     # The rule is not fitted: it holds whatever the validation files were, and the metadata
