@@ -86,7 +86,7 @@ FEATURES: dict[str, tuple[str, float, str]] = {
 # files only): LGG's first and last slices, exported at a few grey levels of 255, are noise
 # that preprocessing stretches into a full-range frame; a fitted bound would sit below them,
 # since validation holds such slices too. 5 % (13 of 255) was read off LGG's training split by
-# eye (302 of its 7,648 images lie under it): of 10 under 8 of 255 none showed anatomy, of 40
+# eye (302 of its 7,648 images lie under it): of 10 under 10 of 255 none showed anatomy, of 40
 # from 8 to 13 three showed a faint head outline and the rest noise, ghosts or a blur; from 13
 # to 30 more and more show a head, so the floor stays below them. No SARTAJ file comes near
 # it (lowest 80 of 255).
