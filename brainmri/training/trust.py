@@ -550,9 +550,9 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             measured = {"emb": emb, "features": features, "descriptors": descriptors}
             verdicts = _verdicts(guard, measured)
             listed = np.array([data.paths[i] in not_mri for i in indices], bool)
-            # Nearly black files (ood.PEAK_FLOOR; NaN, not measured, compares False) show no
-            # anatomy: refusing them is right, so they are also tallied apart, beside the whole.
-            black = features.get("peak_brightness", np.full(len(indices), np.nan)) < ood.PEAK_FLOOR
+            # Almost-black files (the guard's fixed "peak_brightness" rule) show no anatomy:
+            # refusing them is right, so they are also tallied apart, beside the whole.
+            black = np.array(["peak_brightness" in v.reasons for v in verdicts], bool)
             seqs = [data.sequences[i] for i in indices]
 
             def by_sequence(keep: np.ndarray) -> dict[str, Any]:
