@@ -181,9 +181,10 @@ def peak_brightness(pixels: np.ndarray, grey: np.ndarray | None = None) -> float
 
     An 8-bit PNG or JPEG is a display image: its exporter mapped the scan's range onto 0-255, so
     a slice whose brightest pixels stay near black shows no anatomy, however far preprocessing
-    would stretch it (the first and last slices of a volume: noise). 16-bit files and DICOM hold
-    scanner units with no full scale, so they are not measured (None). `grey`: the same
-    pixels as `_grey` gives them, when the caller has them already.
+    would stretch it (the first and last slices of a volume: noise). An 8-bit DICOM decodes to
+    uint8 too and is judged the same way (`dicom._is_8_bit_display`). 16-bit files and other
+    DICOM hold scanner units with no full scale, so they are not measured (None). `grey`: the
+    same pixels as `_grey` gives them, when the caller has them already.
     """
     if pixels.dtype != np.uint8:
         return None
@@ -225,7 +226,7 @@ def _grey(pixels: np.ndarray) -> np.ndarray:
 
 def _decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
     """The file's pixels as decoded: 2-D grey, or BGR (alpha dropped); 8 or 16 bits, or DICOM's
-    float32 grey. Every check of `decode_image` happens here."""
+    grey (uint8 or float32). Every check of `decode_image` happens here."""
     if not data:
         raise ImageError("empty_file", "The file is empty.")
     fmt = sniff_format(data)

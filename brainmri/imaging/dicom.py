@@ -206,8 +206,9 @@ def decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         max_pixels: refuse images whose header declares more pixels than this.
 
     Returns:
-        float32 array (rows, columns): grayscale after the modality and VOI LUTs (MONOCHROME1
-        inverted), or the luma of a colour image.
+        (rows, columns) grayscale after the modality and VOI LUTs (MONOCHROME1 inverted), or
+        the luma of a colour image: uint8 for an 8-bit display image (`_is_8_bit_display`),
+        float32 otherwise.
 
     Raises:
         ImageError: damaged, non-image, non-MR (`wrong_modality`), multi-frame, oversized or
@@ -235,4 +236,26 @@ def decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     # A slope or intercept near 1e38 gives values float32 cannot hold (inf after the cast).
     if not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float32).max:
         raise _damaged()
+    if _is_8_bit_display(ds, photometric, values):
+        return values.astype(np.uint8)
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _is_8_bit_display(ds, photometric: str, values: np.ndarray) -> bool:
+    """Whether the decoded values are 8-bit display values (0 black, 255 white), as a PNG's.
+
+    True for an unsigned 8-bit colour or MONOCHROME2 image whose LUTs left whole numbers in
+    0..255: its full scale is known, so `decode.peak_brightness` can judge it like the PNG or
+    JPEG it was exported beside. MONOCHROME1 is left out because its inversion above runs
+    between the image's own extremes, not the full scale.
+    """
+    try:
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+    except (TypeError, ValueError):
+        return False
+    if bits > 8 or signed or photometric == "MONOCHROME1":
+        return False
+    if str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE":
+        return False
+    return bool(values.min() >= 0 and values.max() <= 255 and np.all(values == np.rint(values)))

@@ -92,7 +92,7 @@ def prepare_chunk(row: dict[str, Any], size: int, max_pixels: int) -> dict[str, 
     paths = [str(path) for path in row["paths"]]
     images = np.zeros((len(paths), size, size, 1), np.float32)
     colours = np.zeros(len(paths), np.float64)
-    peaks = np.full(len(paths), np.nan)  # NaN: not measured (16-bit, DICOM)
+    peaks = np.full(len(paths), np.nan)  # NaN: not measured (16-bit PNG, scanner-unit DICOM)
     errors: list[str] = []
     for index, path in enumerate(paths):
         try:

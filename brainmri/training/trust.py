@@ -588,9 +588,13 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                 if grey is not None:
                     items.append((name, "dicom", ood_sets.as_mr_dicom(grey)))
             measured = _measure_files(predictor, items, network)
+            verdicts = _verdicts(guard, measured.subset(np.ones(len(measured.emb), bool)))
+            black = np.array(["peak_brightness" in v.reasons for v in verdicts], bool)
             report["false_refusal"][f"{name} (DICOM)"] = _tally(
-                _verdicts(guard, measured.subset(np.ones(len(measured.emb), bool))),
-                sum(measured.unreadable.values()))
+                verdicts, sum(measured.unreadable.values())) | (
+                {"not_almost_black": _tally([v for v, b in zip(verdicts, black) if not b]),
+                 "almost_black": _tally([v for v, b in zip(verdicts, black) if b])}
+                if black.any() else {})
     if guard is None:
         report["ood"] = {"note": "no OOD guard in the metadata; run `brainmri calibrate` first"}
         return report

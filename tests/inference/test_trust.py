@@ -19,6 +19,7 @@ from brainmri.inference import classify_many
 from brainmri.inference import ood
 from brainmri.training import ood_sets
 
+from conftest import dicom_bytes
 from conftest import encode
 from conftest import require_real_data
 from conftest import synthetic_slice
@@ -206,8 +207,11 @@ def test_an_almost_black_file_is_refused_as_such_on_the_shared_path(monkeypatch,
     assert ";" not in str(refused.error)
     assert not dimmed.refused or "peak_brightness" not in dimmed.error.verdict.reasons
     assert normal.prediction is not None
+    # Its 8-bit DICOM copy is refused the same way.
+    (black_dicom,) = classify_many(predictor, [ood_sets.as_mr_dicom(_dimmed(grey, 8))], 0.6)
+    assert black_dicom.refused and "peak_brightness" in black_dicom.error.verdict.reasons
     # The rule is not fitted: it holds whatever the validation files were, and the metadata
-    # carries it; the same input with no full scale (16-bit, DICOM) is not judged by it.
+    # carries it; an input with no full scale (peak_brightness None) is not judged by it.
     assert predictor.guard.bounds["peak_brightness"] == (ood.PEAK_FLOOR, None)
     scan = read_scan(black, 64)
     assert "peak_brightness" not in predictor.guard.assess(scan.model_input, 0.0, None).reasons
@@ -217,15 +221,25 @@ def test_an_almost_black_file_is_refused_as_such_on_the_shared_path(monkeypatch,
 
 
 def test_peak_brightness_is_measured_on_8_bit_files_only():
-    """PNG and JPEG: the 99th percentile of the grey pixels over 255. 16-bit PNGs and DICOM hold
-    scanner units with no full scale, so they are not measured (and never refused on it)."""
+    """PNG, JPEG and 8-bit display DICOM: the 99th percentile of the grey pixels over 255.
+    16-bit PNGs and DICOM in scanner units have no full scale, so they are not measured (and
+    never refused on it); nor is 8-bit MONOCHROME1, inverted between its own extremes."""
     grey = synthetic_slice(160, 3)
     top = np.percentile(grey, 99) / 255
     assert read_scan(encode(grey), 64).peak_brightness == pytest.approx(top, abs=0.01)
     assert read_scan(encode(grey, ".jpg"), 64).peak_brightness == pytest.approx(top, abs=0.02)
     assert read_scan(encode(_dimmed(grey, 8)), 64).peak_brightness < ood.PEAK_FLOOR
     assert read_scan(encode(grey.astype(np.uint16) * 257), 64).peak_brightness is None
-    assert read_scan(ood_sets.as_mr_dicom(_dimmed(grey, 8)), 64).peak_brightness is None
+    # An 8-bit DICOM copy of a file is judged exactly as the file (evaluate's DICOM copies).
+    for pixels in (grey, _dimmed(grey, 8)):
+        assert (read_scan(ood_sets.as_mr_dicom(pixels), 64).peak_brightness
+                == read_scan(encode(pixels), 64).peak_brightness)
+    assert read_scan(dicom_bytes(_dimmed(grey, 8)), 64).peak_brightness < ood.PEAK_FLOOR
+    twelve_bit = _dimmed(grey, 8).astype(np.uint16)  # 8 of 4095: dark, but in scanner units
+    assert read_scan(dicom_bytes(twelve_bit, BitsStored=12), 64).peak_brightness is None
+    rescaled = dicom_bytes(grey, RescaleSlope=3, RescaleIntercept=0)  # values up to 765
+    assert read_scan(rescaled, 64).peak_brightness is None
+    assert read_scan(dicom_bytes(255 - grey, "MONOCHROME1"), 64).peak_brightness is None
     assert "peak_brightness" not in ood.image_features(read_scan(encode(grey), 64).model_input)
 
 
