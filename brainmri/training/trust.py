@@ -24,6 +24,7 @@ import numpy as np
 from ..inference import calibration
 from ..inference import ood
 from . import ood_sets
+from . import reformats
 from .dataset import CachedDataset
 from .dataset import load_datasets
 from ..imaging import ImageError
@@ -595,6 +596,23 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                 {"not_almost_black": _tally([v for v, b in zip(verdicts, black) if not b]),
                  "almost_black": _tally([v for v, b in zip(verdicts, black) if b])}
                 if black.any() else {})
+        # Sagittal and coronal reformats of the held-out patients' axial stacks: brain MRI in
+        # planes an axial-only collection (LGG) lacks, of patients the guard never saw.
+        for name in [n for n in sets if n.endswith("/test")]:
+            made = reformats.reformats([data.file(i) for i in sets[name]])
+            if not made:
+                continue
+            measured = _measure_files(
+                predictor, [(r.plane, r.sequence, r.png()) for r in made], network)
+            verdicts = _verdicts(guard, measured.subset(np.ones(len(measured.emb), bool)))
+            planes, seqs = measured.categories, measured.sources
+            report["false_refusal"][f"{name} (sagittal and coronal reformats)"] = _tally(
+                verdicts, sum(measured.unreadable.values())) | {
+                "volumes": len({(r.case, r.sequence) for r in made}),
+                "by_plane": {plane: _tally([v for v, x in zip(verdicts, planes) if x == plane])
+                             for plane in sorted(set(planes))},
+                "by_sequence": {seq: _tally([v for v, x in zip(verdicts, seqs) if x == seq])
+                                for seq in sorted(set(seqs))}}
     if guard is None:
         report["ood"] = {"note": "no OOD guard in the metadata; run `brainmri calibrate` first"}
         return report
