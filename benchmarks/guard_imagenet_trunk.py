@@ -15,12 +15,21 @@ It prints, for each setting of `--widen`, the share of every real `ood_train/` c
 by a head fitted without that category, and the share of each brain collection's validation
 slices refused by a head fitted without that collection (and without the negatives made from
 its slices): the two figures the guard is judged by. The shipped CNN's figures are read from
-`model/guard/brainmri_guard.json` → `held_out` for comparison.
+`model/guard/brainmri_guard.json` → `held_out` for comparison, and its per-image held-out
+verdicts give a third column: refused by either network (what serving both would refuse).
+
+It also prints the share of sagittal and coronal reformats of LGG's *test* patients
+(`brainmri.training.reformats`; LGG is axial only) refused by the head fitted on both
+collections, and the same for the held-out brain sets false refusals are judged on (SARTAJ
+test, the official Testing folder, LGG's test patients). `--reformats` adds the training patients' reformats to the positives and the
+validation patients' to the slices the bounds are set on, so that LGG covers the planes SARTAJ
+has: the collection-out folds then measure the collection more than its planes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -51,6 +60,44 @@ def trunk_features(images: np.ndarray, batch: int = 256) -> np.ndarray:
     run = tf.function(lambda x: trunk(x, training=False), autograph=False)
     return np.concatenate([np.asarray(run(tf.constant(images[i:i + batch], tf.float32) / 255.0))
                            for i in range(0, len(images), batch)]).astype(np.float64)
+
+
+def reformat_inputs(lgg_root: Path, splits: dict, split: str) -> np.ndarray:
+    """Guard inputs (uint8, guard side) of the sagittal and coronal reformats of one split's
+    LGG patients, through the upload path as the guard's other positives."""
+    from brainmri.imaging import load_scan
+    from brainmri.inference import guardnet
+    from brainmri.training import reformats
+    from brainmri.training.guard_training import _to_u8
+
+    files = [lgg_root / p.split("/", 1)[1] for p in splits["splits"][split] if p.startswith("lgg/")]
+    scans = [load_scan(r.png(), 128) for r in reformats.reformats(files)]
+    return guardnet.shrink(_to_u8(np.stack(scans)), guardnet.GUARD_SIDE)
+
+
+def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray]:
+    """Guard inputs of the held-out brain sets false refusals are judged on (README -> Trust),
+    less what is set apart there: slices an audit found to be CT, and almost-black files."""
+    from brainmri.imaging import read_scan
+    from brainmri.inference import guardnet
+    from brainmri.inference import ood
+    from brainmri.training.dataset import load_datasets
+    from brainmri.training.guard_training import _to_u8
+    from brainmri.training.trust import _split_indices
+    from brainmri.training.trust import listed_not_mri
+
+    data = load_datasets([data_root / "sartaj", data_root / "lgg"], 128)
+    not_mri = listed_not_mri()
+    sets = {}
+    for split, indices in _split_indices(data, splits).items():
+        if split not in ("test", "official_test"):
+            continue
+        for i in indices:
+            peak = read_scan(data.file(i).read_bytes(), 128).peak_brightness
+            if data.paths[i] not in not_mri and (peak is None or peak >= ood.PEAK_FLOOR):
+                sets.setdefault(f"{data.collections[i]}/{split}", []).append(i)
+    return {name: guardnet.shrink(_to_u8(data.images[np.array(kept)]), guardnet.GUARD_SIDE)
+            for name, kept in sorted(sets.items())}
 
 
 def group_weights(groups: np.ndarray) -> np.ndarray:
@@ -102,17 +149,33 @@ def main() -> None:
     parser.add_argument("--c", type=float, default=0.03, help="inverse L2 strength of the head")
     parser.add_argument("--shrinkage", type=float, default=0.3, help="of the Gaussian, as shipped")
     parser.add_argument("--widen", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--reformats", action="store_true",
+                        help="train and bound on LGG's sagittal and coronal reformats too")
     args = parser.parse_args()
 
     from brainmri.training import guard_training
     from brainmri.training import ood_sets
 
     start = time.perf_counter()
+    splits = json.loads(args.splits.read_text())
     data = guard_training.assemble([args.data_root / "sartaj", args.data_root / "lgg"],
-                                   json.loads(args.splits.read_text()), args.data_root / "ood_train")
+                                   splits, args.data_root / "ood_train")
     pos, neg, val = (trunk_features(x) for x in (data.positives, data.negatives, data.val))
-    print(f"{len(pos)} brain slices, {len(neg)} negatives, {len(val)} validation slices; "
+    planes = {split: trunk_features(reformat_inputs(args.data_root / "lgg", splits, split))
+              for split in ("train", "val", "test")}
+    brain = {name: trunk_features(x) for name, x in held_out_brain_inputs(args.data_root, splits).items()}
+    axial = np.ones(len(val), bool)  # the collection-out figures are on these, as without
+    if args.reformats:
+        axial = np.r_[axial, np.zeros(len(planes["val"]), bool)]
+        pos = np.concatenate([pos, planes["train"]])
+        val = np.concatenate([val, planes["val"]])
+        data = dataclasses.replace(
+            data, collections=np.r_[data.collections, np.full(len(planes["train"]), "lgg")],
+            val_collections=np.r_[data.val_collections, np.full(len(planes["val"]), "lgg")])
+    print(f"{len(pos)} brain slices, {len(neg)} negatives, {len(val)} validation slices "
+          f"({'with' if args.reformats else 'without'} LGG reformats); "
           f"features in {time.perf_counter() - start:.0f} s")
+    both = Fold(pos, data.collections, neg, data.categories, val, args.c, args.shrinkage)
     categories = sorted(set(data.categories[data.real].tolist()))
     folds = {c: Fold(pos, data.collections, neg[data.categories != c],
                      data.categories[data.categories != c], val, args.c, args.shrinkage)
@@ -127,19 +190,33 @@ def main() -> None:
                                             val[data.val_collections != collection],
                                             args.c, args.shrinkage)
     shipped = json.loads((ROOT / "model" / "guard" / "brainmri_guard.json").read_text())["held_out"]
+    cnn_refused = np.array([shipped["margins"].get(n, 1.0) < 0
+                            or shipped["distance_margins"].get(n, 1.0) < 0 for n in data.names])
     for widen in args.widen:
-        print(f"\nbounds widened by {widen}: category held out -> refused (logit / distance / either)")
-        total = refused = 0
+        print(f"\nbounds widened by {widen}: category held out -> refused "
+              f"(logit / distance / either; either or the shipped CNN network)")
+        total = refused = refused_or = 0
         for category, fold in folds.items():
-            logit, distance = fold.refused(neg[data.categories == category], widen)
+            rows = data.categories == category
+            logit, distance = fold.refused(neg[rows], widen)
             either = logit | distance
+            with_cnn = either | cnn_refused[rows]
             total, refused = total + len(either), refused + int(either.sum())
+            refused_or += int(with_cnn.sum())
             cnn = shipped["categories"].get(category, {}).get("rate")
             print(f"  {category:>38}: {logit.mean():.3f} / {distance.mean():.3f} / {either.mean():.3f}"
-                  f"   (shipped CNN network: {cnn})")
-        print(f"  {'overall':>38}: {refused / total:.3f}   (shipped CNN network: {shipped.get('overall')})")
+                  f"; {with_cnn.mean():.3f}   (shipped CNN network: {cnn})")
+        print(f"  {'overall':>38}: {refused / total:.3f}; {refused_or / total:.3f}   "
+              f"(shipped CNN network: {shipped.get('overall')})")
+        logit, distance = both.refused(planes["test"], widen)
+        print(f"  LGG test patients' sagittal/coronal reformats ({len(planes['test'])}), head fitted "
+              f"on both collections: {(logit | distance).mean():.3f} refused")
+        for name, rows in brain.items():
+            logit, distance = both.refused(rows, widen)
+            print(f"  {name} ({len(rows)}, audited CT and almost-black files apart), head fitted "
+                  f"on both collections: {int((logit | distance).sum())} refused")
         for collection, fold in collection_folds.items():
-            logit, distance = fold.refused(val[data.val_collections == collection], widen)
+            logit, distance = fold.refused(val[(data.val_collections == collection) & axial], widen)
             cnn = shipped.get("collections", {}).get(collection, {}).get("falsely_refused")
             print(f"  brain collection {collection} held out: {(logit | distance).mean():.3f} of its "
                   f"validation slices refused (logit {logit.mean():.3f})   (shipped CNN network: {cnn})")
