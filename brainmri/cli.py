@@ -340,7 +340,10 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
                                  "default model's, so no model's val or test slice is trained on].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the guard network [default: <model dir>/guard/brainmri_guard.h5].")
-@click.option("--epochs", default=12, show_default=True)
+@click.option("--network", type=click.Choice(["trunk", "cnn"]), default="trunk", show_default=True,
+              help="trunk: a frozen ImageNet Lite0 trunk with a fitted head (shipped); cnn: the "
+                   "small network trained from scratch that it replaced.")
+@click.option("--epochs", default=12, show_default=True, help="With --network cnn only.")
 @click.option("--held-out/--no-held-out", default=False, show_default=True,
               help="Also retrain once per real category and per brain collection left out and "
                    "record what a guard that never saw them refuses (one training each).")
@@ -349,7 +352,8 @@ def calibrate_command(data: tuple[Path, ...], model_path: Path | None, target_ac
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.pass_context
 def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Path | None,
-                        splits_path: Path | None, out: Path | None, epochs: int, held_out: bool,
+                        splits_path: Path | None, out: Path | None, network: str, epochs: int,
+                        held_out: bool,
                         held_out_categories: tuple[str, ...], cache_dir: Path | None) -> None:
     """Train the guard network that refuses images that are not brain MRI slices."""
     import json
@@ -360,7 +364,9 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
     from .training import trust
 
     manifest_path = splits_path or splits.splits_path_for(_model_or_default(None))
-    config = guard_training.GuardConfig(epochs=epochs)
+    # The CNN recipe bounded its logit at the bare validation tail (GuardConfig.margin).
+    config = (guard_training.GuardConfig() if network == "trunk"
+              else guard_training.GuardConfig(network="cnn", epochs=epochs, margin=0.0))
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
         prepared = guard_training.assemble(list(data), json.loads(manifest_path.read_text()),

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from ..imaging import PREPROCESSING_VERSION
 from ..imaging import load_scan
 from ..inference import guardnet
 from ..inference import ood
+from . import guard_trunk
 from . import ood_sets
+from . import reformats
 from .dataset import load_datasets
 
 __all__ = ["GuardConfig", "GuardData", "assemble", "drop_listed", "fit", "fit_distance", "margins",
@@ -41,6 +44,10 @@ __all__ = ["GuardConfig", "GuardData", "assemble", "drop_listed", "fit", "fit_di
 class GuardConfig:
     """How the guard network is trained and bounded (the defaults are the shipped recipe)."""
 
+    # "trunk": a frozen ImageNet Lite0 trunk with a fitted linear head (`guard_trunk.py`), the
+    # shipped recipe; "cnn": the small network trained from scratch (`guardnet.build_guardnet`),
+    # its predecessor, kept for comparison. The next five fields are the CNN's only.
+    network: str = "trunk"
     epochs: int = 12
     epoch_images: int = 3072
     batch_size: int = 64
@@ -48,12 +55,16 @@ class GuardConfig:
     learning_rate: float = 2e-3
     # Share of each epoch drawn from brain slices; the rest are negatives, equal per category.
     positive_share: float = 0.5
-    # The refusal bound: the `tail` quantile of validation logits, widened by `margin` times its
-    # distance to the median (`ood._bound`). Half the 1 % false-refusal budget, unwidened: the
-    # validation logits have a long low tail (LGG end slices of amplified noise, a few CT
-    # slices in SARTAJ), so any widening put the bound below most negatives.
+    head_c: float = 0.03  # the trunk's head: inverse L2 strength (chosen on the held-out folds)
+    # The refusal bound: the `tail` quantile of validation logits (half the 1 % false-refusal
+    # budget), widened by `margin` times its distance to the median (`ood._bound`). None: the
+    # smallest margin whose cross-fitted refusal of validation slices stays under
+    # `max_logit_refusal` (`ood.choose_margin`, as for the distance). The CNN recipe used 0: its
+    # validation logits had a long low tail (LGG end slices of amplified noise, a few CT slices
+    # in SARTAJ), so any widening put the bound below most negatives.
     tail: float = 0.005
-    margin: float = 0.0
+    margin: float | None = None
+    max_logit_refusal: float = 0.005
     # "brain_distance" (guardnet.py): its bound is the `distance_tail` quantile of validation
     # distances, widened by the smallest margin whose cross-fitted refusal of validation slices
     # stays under `max_distance_refusal` (`ood.choose_margin`), as for the classifier's features.
@@ -64,6 +75,10 @@ class GuardConfig:
     # nearly the same held-out head CT (57.5 vs 55.7 %); a new collection matters more.
     distance_shrinkage: float = 0.3
     ct_like: int = 1500  # head-CT look-alikes made from training slices
+    # Sagittal and coronal reformats of axial-only collections' stacks (`reformats.py`) as
+    # positives (training patients) and bound slices (validation patients): brain MRI in the
+    # planes LGG lacks. Without them a guard learns "axial" as LGG's look (README -> Trust).
+    reformats: bool = True
     exposure_slices: int = 1500  # training slices whose patch and inversion are negatives
     seed: int = 0
 
@@ -145,6 +160,17 @@ class GuardData:
     categories: np.ndarray  # category of each negative ("exposure_*" for synthetic ones)
     sources: np.ndarray  # source repository; "synthetic", or "training split: <collection>"
     names: np.ndarray  # "<category>/<file>" of real negatives, "" for synthetic ones
+    # Which val slices are sagittal or coronal reformats (`reformats.py`); None: none are.
+    val_reformatted: np.ndarray | None = None
+    # Trunk features of positives, negatives and val, computed once (`trunk_features_of`).
+    features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def val_native(self) -> np.ndarray:
+        """Mask of the validation slices as their collection holds them (not reformats)."""
+        if self.val_reformatted is None:
+            return np.ones(len(self.val), bool)
+        return ~self.val_reformatted
 
     @property
     def real(self) -> np.ndarray:
@@ -202,10 +228,37 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
         sources.append(ood_sets.made_from_slices(collections[train[i]]))
         names.append("")
     side = guardnet.GUARD_SIDE
-    return GuardData(guardnet.shrink(train_u8, side), collections[train],
-                     guardnet.shrink(_to_u8(data.images[val]), side), collections[val],
+    positives, val_u8 = [train_u8], [_to_u8(data.images[val])]
+    positive_groups, val_groups = [collections[train]], [collections[val]]
+    val_reformatted = [np.zeros(len(val), bool)]
+    if config.reformats:
+        for split, images, groups in ((train, positives, positive_groups),
+                                      (val, val_u8, val_groups)):
+            for collection in sorted(set(collections[split].tolist())):
+                mine = split[collections[split] == collection]
+                made = reformats.reformats([data.file(i) for i in mine])
+                if made:
+                    images.append(_to_u8(np.stack([load_scan(r.png(), size) for r in made])))
+                    groups.append(np.full(len(made), collection))
+                    if split is val:
+                        val_reformatted.append(np.ones(len(made), bool))
+    return GuardData(guardnet.shrink(np.concatenate(positives), side),
+                     np.concatenate(positive_groups),
+                     guardnet.shrink(np.concatenate(val_u8), side), np.concatenate(val_groups),
                      guardnet.shrink(_to_u8(np.stack(inputs)), side), np.array(categories),
-                     np.array(sources), np.array(names))
+                     np.array(sources), np.array(names), np.concatenate(val_reformatted))
+
+
+def trunk_features_of(data: GuardData, progress=None) -> dict[str, np.ndarray]:
+    """The trunk's features of every positive, negative and validation slice (computed once:
+    the trunk is frozen, so every fold reuses them)."""
+    if not data.features:
+        trunk = guard_trunk.build_trunk(data.positives.shape[1])
+        for name in ("positives", "negatives", "val"):
+            data.features[name] = guard_trunk.trunk_features(trunk, getattr(data, name))
+            if progress:
+                progress(f"trunk features of the {name}: {len(data.features[name])}")
+    return data.features
 
 
 def fit_distance(net: guardnet.GuardNet, positives: np.ndarray, val: np.ndarray,
@@ -225,17 +278,78 @@ def margins(net: guardnet.GuardNet, images: np.ndarray, bound: float,
     return scores["brain_likeness"] - bound, distance_bound - scores["brain_distance"]
 
 
+@dataclass
+class FittedGuard:
+    """One trained guard network with both bounds set on validation."""
+
+    bound: float  # of the logit ("brain_likeness")
+    distance_bound: float
+    embedding: tuple[np.ndarray, np.ndarray]  # the "brain_distance" fit
+    # (which, mask) -> (logit margins, distance margins) of data.<which>[mask]; negative: refused
+    margins: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    model: Callable[[], Any]  # the servable Keras model
+    logit_margin: float | None = None  # the widening the logit's bound was set with
+
+
+def _logit_margin(logits: np.ndarray, config: GuardConfig) -> float:
+    if config.margin is not None:
+        return config.margin
+    # `choose_margin` bounds a high tail: the logit's low tail, negated.
+    return ood.choose_margin(-logits, config.tail, config.max_logit_refusal)
+
+
+def _logit_bound(logits: np.ndarray, config: GuardConfig) -> float:
+    return float(ood._bound(logits, "low", config.tail, _logit_margin(logits, config))[0])
+
+
 def _train_and_bound(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray,
-                     config: GuardConfig, progress) -> tuple[guardnet.GuardNet, float, float]:
-    """Train on the kept images; the logit's and the distance's bound (validation slices)."""
+                     config: GuardConfig, progress) -> FittedGuard:
+    """Train on the kept images; the logit's and the distance's bound (validation slices of the
+    collections it trained on only)."""
+    trained = np.isin(data.val_collections, np.unique(data.collections[keep_pos]))
+    if config.network == "trunk":
+        return _fit_trunk(data, keep_neg, keep_pos, trained, config, progress)
+    if config.network != "cnn":
+        raise ValueError(f"unknown guard network {config.network!r} (trunk or cnn)")
     model = train_guardnet(data.positives[keep_pos], data.collections[keep_pos],
                            data.negatives[keep_neg], data.categories[keep_neg], config, progress)
     net = guardnet.GuardNet(model)
-    # Bound on the validation slices of the collections it trained on only.
-    trained = np.isin(data.val_collections, np.unique(data.collections[keep_pos]))
-    low, _ = ood._bound(net.logits(data.val[trained]), "low", config.tail, config.margin)
+    val_logits = net.logits(data.val[trained])
+    low = _logit_bound(val_logits, config)
     distance_bound = fit_distance(net, data.positives[keep_pos], data.val[trained], config)
-    return net, float(low), distance_bound
+    return FittedGuard(low, distance_bound, net.embedding,
+                       lambda which, mask: margins(net, getattr(data, which)[mask], low,
+                                                   distance_bound),
+                       lambda: model, _logit_margin(val_logits, config))
+
+
+def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trained: np.ndarray,
+               config: GuardConfig, progress) -> FittedGuard:
+    """The trunk recipe: fit the head on cached features; score in feature space (the served
+    network computes exactly these, `guard_trunk.guard_model`)."""
+    features = trunk_features_of(data, progress)
+    head = guard_trunk.fit_head(features["positives"][keep_pos], data.collections[keep_pos],
+                                features["negatives"][keep_neg], data.categories[keep_neg],
+                                config.head_c)
+    embedding = guard_trunk.distance_of(head, features["positives"][keep_pos],
+                                        config.distance_shrinkage)
+
+    def scores(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return head.logits(rows), ood.gaussian_distance(head.standardise(rows), *embedding)
+
+    val_logits, val_distances = scores(features["val"][trained])
+    low = _logit_bound(val_logits, config)
+    margin = ood.choose_margin(val_distances, config.distance_tail, config.max_distance_refusal)
+    distance_bound = float(ood._bound(val_distances, "high", config.distance_tail, margin)[1])
+
+    def fold_margins(which: str, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, distances = scores(features[which][mask])
+        return logits - low, distance_bound - distances
+
+    return FittedGuard(low, distance_bound, embedding, fold_margins,
+                       lambda: guard_trunk.guard_model(
+                           guard_trunk.build_trunk(data.positives.shape[1]), head),
+                       _logit_margin(val_logits, config))
 
 
 def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None = None,
@@ -253,9 +367,8 @@ def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None 
     everyone = np.ones(len(data.positives), bool)
     for category in categories:
         out = data.categories == category
-        net, bound, distance_bound = _train_and_bound(data, ~out, everyone, config, progress)
-        record_fold(report, category, data.names[out],
-                    *margins(net, data.negatives[out], bound, distance_bound))
+        fold = _train_and_bound(data, ~out, everyone, config, progress)
+        record_fold(report, category, data.names[out], *fold.margins("negatives", out))
         refused = report["categories"][category]["refused"]
         if progress:
             progress(f"held out {category}: refused {refused}/{int(out.sum())}")
@@ -266,13 +379,22 @@ def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None 
         # Nor the negatives made from its slices (patches, inversions, CT look-alikes): they
         # would teach the fold that collection's look as "not brain".
         negatives = data.sources != ood_sets.made_from_slices(collection)
-        net, bound, distance_bound = _train_and_bound(data, negatives, keep, config, progress)
+        fold = _train_and_bound(data, negatives, keep, config, progress)
         theirs = data.val_collections == collection
-        rate = float((np.minimum(*margins(net, data.val[theirs], bound, distance_bound)) < 0).mean())
-        report["collections"][collection] = {"images": int(theirs.sum()),
+        refused = np.minimum(*fold.margins("val", theirs)) < 0
+        native = data.val_native[theirs]
+        rate = float(refused[native].mean())
+        # Its own slices as they come; the reformats (planes it lacks) apart, as evaluate does.
+        report["collections"][collection] = {"images": int(native.sum()),
                                              "falsely_refused": round(rate, 4)}
+        if (~native).any():
+            report["collections"][collection]["reformats"] = {
+                "images": int((~native).sum()),
+                "falsely_refused": round(float(refused[~native].mean()), 4)}
         if progress:
-            progress(f"held out brain collection {collection}: {rate:.3f} of its val refused")
+            progress(f"held out brain collection {collection}: {rate:.3f} of its val refused"
+                     + (f" ({refused[~native].mean():.3f} of its reformats)"
+                        if (~native).any() else ""))
     tallies = report["categories"].values()
     images = sum(t["images"] for t in tallies)
     report["overall"] = round(sum(t["refused"] for t in tallies) / images, 4) if images else None
@@ -301,27 +423,38 @@ def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
         splits_sha256: str | None = None, progress=None) -> dict[str, Any]:
     """Train on everything, set the bound on validation, write `<out>.h5` and `<out>.json`."""
     started = time.monotonic()
-    net, bound, distance_bound = _train_and_bound(data, np.ones(len(data.negatives), bool),
-                                                  np.ones(len(data.positives), bool), config,
-                                                  progress)
+    fitted = _train_and_bound(data, np.ones(len(data.negatives), bool),
+                              np.ones(len(data.positives), bool), config, progress)
+    bound, distance_bound = fitted.bound, fitted.distance_bound
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    net.model.save(out_path)
-    onnx_sha256 = guardnet.write_onnx(net.model, out_path.with_suffix(".onnx"))
+    model = fitted.model()
+    model.save(out_path)
+    onnx_sha256 = guardnet.write_onnx(model, out_path.with_suffix(".onnx"))
+    # As served: the saved network's own forward pass, not the fit's feature-space scores.
+    net = guardnet.GuardNet(model, embedding=fitted.embedding)
     logit_margins, distance_margins = margins(net, data.val, bound, distance_bound)
     refused = np.minimum(logit_margins, distance_margins) < 0
     block = {
         "format": guardnet.GUARD_FORMAT,
+        "network": ("lite0-trunk (ImageNet, frozen) + logistic head" if config.network == "trunk"
+                    else "small CNN trained from scratch"),
         "side": guardnet.GUARD_SIDE,
         "preprocessing_version": PREPROCESSING_VERSION,
         "bound": round(bound, 6),
+        **({"bound_margin": fitted.logit_margin} if fitted.logit_margin is not None else {}),
         "sha256": hashlib.sha256(out_path.read_bytes()).hexdigest(),
         "onnx_sha256": onnx_sha256,
         "embedding": guardnet.embedding_to_metadata(*net.embedding, distance_bound,
                                                     fitted_on="train (every positive)"),
-        # Refused by either check, as served.
-        "val_refusal_rate": {c: round(float(refused[data.val_collections == c].mean()), 4)
+        # Refused by either check, as served; reformats apart.
+        "val_refusal_rate": {c: round(float(refused[(data.val_collections == c)
+                                                    & data.val_native].mean()), 4)
                              for c in sorted(set(data.val_collections.tolist()))},
+        **({"val_reformats_refusal_rate": {
+            c: round(float(refused[(data.val_collections == c) & ~data.val_native].mean()), 4)
+            for c in sorted(set(data.val_collections[~data.val_native].tolist()))}}
+           if (~data.val_native).any() else {}),
         "positives": dict(sorted(Counter(data.collections.tolist()).items())),
         "negatives": dict(sorted(Counter(data.categories.tolist()).items())),
         "config": asdict(config),

@@ -115,7 +115,7 @@ def test_a_short_training_separates_heads_from_noise():
     heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(48)])
     others = np.stack([load_scan(image.data, 128) for image in ood_sets.synthetic_images(8)])
     to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
-    config = guard_training.GuardConfig(epochs=3, epoch_images=512, width=8)
+    config = guard_training.GuardConfig(network="cnn", epochs=3, epoch_images=512, width=8)
     model = guard_training.train_guardnet(
         to_u8(heads), np.array(["synthetic"] * len(heads)), to_u8(others),
         np.array(["noise"] * len(others)), config)
@@ -228,14 +228,14 @@ def test_a_collection_fold_drops_the_negatives_made_from_that_collections_slices
         names=np.array(["head_ct/a.png", "", "", ""]))
     seen = {}
 
-    class _Net:
-        def scores(self, images):
-            return {"brain_likeness": np.ones(len(images)), "brain_distance": np.zeros(len(images))}
+    def accept_all(which, mask):
+        return np.ones(int(mask.sum())), np.ones(int(mask.sum()))
 
     def fake(data, keep_neg, keep_pos, config, progress):
         left_out = sorted(set(data.collections[~keep_pos].tolist()))
         seen[tuple(left_out) or ("category fold",)] = data.sources[keep_neg].tolist()
-        return _Net(), 0.0, 1.0
+        return guard_training.FittedGuard(0.0, 1.0, (np.zeros(1), np.eye(1)), accept_all,
+                                          lambda: None)
 
     monkeypatch.setattr(guard_training, "_train_and_bound", fake)
     report = guard_training.held_out(data, guard_training.GuardConfig())
@@ -251,3 +251,71 @@ def test_slices_an_audit_found_not_to_be_mri_are_no_guard_positives():
     assert kept.tolist() == [2, 0]
     from brainmri.training.trust import listed_not_mri
     assert any(path.startswith("sartaj/Training/") for path in listed_not_mri())
+
+
+@pytest.mark.slow
+def test_the_trunk_guard_network_scores_exactly_as_its_head_in_feature_space(tmp_path):
+    """The trunk recipe fits its head and bounds on cached features; the served network (Keras
+    and its ONNX copy) must compute those very logits and standardised features."""
+    from brainmri.training import guard_trunk
+
+    trunk = guard_trunk.build_trunk(guardnet.GUARD_SIDE, weights=None)  # the graph, not ImageNet
+    rng = np.random.default_rng(3)
+    images = (rng.random((12, guardnet.GUARD_SIDE, guardnet.GUARD_SIDE, 1)) * 255).astype(np.uint8)
+    features = guard_trunk.trunk_features(trunk, images)
+    assert features.shape == (12, 464)
+    head = guard_trunk.fit_head(features[:6], np.array(["a"] * 3 + ["b"] * 3), features[6:],
+                                np.array(["noise"] * 6), c=1.0)
+    model = guard_trunk.guard_model(trunk, head)
+    path = tmp_path / "guard.h5"
+    model.save(path)
+    guardnet.write_onnx(model, path.with_suffix(".onnx"))
+    import keras
+
+    for net in (guardnet.GuardNet(keras.models.load_model(path, compile=False)),
+                guardnet.GuardNet(onnx_path=path.with_suffix(".onnx"))):
+        logits, embedded = net.measure(images)
+        np.testing.assert_allclose(logits, head.logits(features), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(embedded, head.standardise(features), rtol=1e-4, atol=1e-3)
+
+
+def test_a_trunk_head_weighs_each_group_equally_whatever_its_size():
+    from brainmri.training import guard_trunk
+
+    weights = guard_trunk.group_weights(np.array(["big"] * 9 + ["small"]))
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[:9].sum() == pytest.approx(weights[9:].sum())
+
+
+def test_the_logit_bound_widens_only_as_far_as_the_validation_refusal_budget_allows():
+    logits = np.random.default_rng(0).normal(5.0, 1.0, 4000)
+    config = guard_training.GuardConfig()
+    bound = guard_training._logit_bound(logits, config)
+    assert bound <= np.quantile(logits, config.tail)  # widened, never narrowed
+    assert (logits < bound).mean() <= config.max_logit_refusal
+    bare = guard_training._logit_bound(logits, guard_training.GuardConfig(margin=0.0))
+    assert bare == pytest.approx(np.quantile(logits, config.tail), abs=0.05)
+
+
+@pytest.mark.slow
+def test_a_trunk_fit_refuses_noise_accepts_new_heads_and_serves(tmp_path):
+    """The shipped recipe end to end on synthetic heads vs synthetic negatives: ImageNet trunk,
+    fitted head, both bounds, the saved network loads with its distance fit and separates them."""
+    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(64)])
+    others = np.stack([load_scan(image.data, 128) for image in ood_sets.synthetic_images(8)])
+    to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
+    data = guard_training.GuardData(
+        positives=to_u8(heads[:48]), collections=np.array(["synthetic"] * 48),
+        val=to_u8(heads[48:]), val_collections=np.array(["synthetic"] * 16),
+        negatives=to_u8(others), categories=np.array(["noise"] * len(others)),
+        sources=np.array(["synthetic"] * len(others)), names=np.array([""] * len(others)))
+    block = guard_training.fit(data, tmp_path / "guard.h5", guard_training.GuardConfig(head_c=1.0))
+    assert block["network"].startswith("lite0-trunk")
+    net = guardnet.GuardNet.load(tmp_path / "guard.h5", onnx_sha256=block["onnx_sha256"])
+    assert net.embedding is not None
+    new_heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(100, 110)])
+    new_others = np.stack([load_scan(image.data, 128)
+                           for image in ood_sets.synthetic_images(2, seed=7)])
+    kept, gone = net.scores(new_heads), net.scores(new_others)
+    assert np.median(kept["brain_likeness"]) > block["bound"] > np.median(gone["brain_likeness"])
+    assert np.median(kept["brain_distance"]) < np.median(gone["brain_distance"])
