@@ -79,6 +79,11 @@ class GuardConfig:
     # positives (training patients) and bound slices (validation patients): brain MRI in the
     # planes LGG lacks. Without them a guard learns "axial" as LGG's look (README -> Trust).
     reformats: bool = True
+    # Training slices cropped to a window inside the head (65-90 % of the side) and preprocessed
+    # again, as positives: teaching files zoom in so that the head fills the frame and is cut by
+    # it, which every LGG slice and most SARTAJ ones lack (README -> Trust).
+    zoomed_in: int = 2000
+    zoom_range: tuple[float, float] = (0.65, 0.9)
     exposure_slices: int = 1500  # training slices whose patch and inversion are negatives
     seed: int = 0
 
@@ -182,6 +187,19 @@ def _to_u8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def zoomed_in(image: np.ndarray, rng: np.random.Generator,
+              zoom_range: tuple[float, float] = (0.65, 0.9)) -> np.ndarray:
+    """A preprocessed slice (H, W) cropped to a random square window of `zoom_range` of its
+    side and sent through `preprocess` again: the same head, zoomed in and cut by the frame."""
+    from ..imaging.preprocessing import preprocess
+
+    side = image.shape[0]
+    crop = int(round(side * rng.uniform(*zoom_range)))
+    top, left = rng.integers(0, side - crop + 1, 2)
+    window = np.asarray(image, np.float32)[top:top + crop, left:left + crop]
+    return preprocess(window, side)[..., 0]
+
+
 def drop_listed(indices: np.ndarray, paths: list[str], listed: set[str]) -> np.ndarray:
     """`indices` less those whose path is in `listed` (`trust.listed_not_mri`), in order."""
     return np.array([i for i in indices if paths[i] not in listed], int)
@@ -231,6 +249,12 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
     positives, val_u8 = [train_u8], [_to_u8(data.images[val])]
     positive_groups, val_groups = [collections[train]], [collections[val]]
     val_reformatted = [np.zeros(len(val), bool)]
+    if config.zoomed_in:
+        picked = np.linspace(0, len(train) - 1, min(config.zoomed_in, len(train))).astype(int)
+        positives.append(_to_u8(np.stack([zoomed_in(train_u8[i, :, :, 0], rng,
+                                                     config.zoom_range)[..., None]
+                                          for i in picked])))
+        positive_groups.append(collections[train[picked]])
     if config.reformats:
         for split, images, groups in ((train, positives, positive_groups),
                                       (val, val_u8, val_groups)):

@@ -319,3 +319,14 @@ def test_a_trunk_fit_refuses_noise_accepts_new_heads_and_serves(tmp_path):
     kept, gone = net.scores(new_heads), net.scores(new_others)
     assert np.median(kept["brain_likeness"]) > block["bound"] > np.median(gone["brain_likeness"])
     assert np.median(kept["brain_distance"]) < np.median(gone["brain_distance"])
+
+
+def test_a_zoomed_in_positive_is_the_same_head_cut_by_the_frame():
+    """Teaching files zoom in until the head fills the frame: such positives must show less
+    background than the slice they came from, at the same side and range."""
+    slice_ = load_scan(encode(synthetic_slice(160, 4)), 128)[..., 0]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        zoomed = guard_training.zoomed_in(slice_, rng)
+        assert zoomed.shape == slice_.shape and 0.0 <= zoomed.min() and zoomed.max() <= 1.0
+        assert (zoomed < 0.05).mean() < (slice_ < 0.05).mean()
