@@ -1,26 +1,26 @@
-"""A small network trained for one question only: is this a brain MRI slice at all?
+"""The guard network: a Keras model for one question only, is this a brain MRI slice at all?
 
 The classifier's own features were trained to tell four diagnoses apart, not brain MRI from
 head CT, a knee or an abdomen; a linear head on them (`ood.Exposure`) refused only about a
-quarter of held-out head CT. This network sees the preprocessed input (the same 128-px head crop
-the classifier sees, shrunk to 64 px) and is trained on brain MRI slices of every collection and
-sequence against real images that are not brain MRI (`ood_train/`: CT, X-ray, spine, knee and
-body MRI, ultrasound, photos, documents, ...) and altered copies of brain slices (patches,
-inversions, noise), all through the same augmentation as the classifier (`training.augment_batch`:
-geometry, bias field, gamma, resolution, noise, JPEG), so that a new scanner's brain slice still
-reads as brain while a new kind of body image does not.
+quarter of held-out head CT. The guard network sees the preprocessed input (the same 128-px head
+crop the classifier sees, shrunk to 64 px) and answers with a logit and the features under it.
+The shipped one is EfficientNet-Lite0's frozen ImageNet layers with a logistic head fitted on
+brain MRI slices of every collection and sequence against real images that are not brain MRI
+(`ood_train/`) and altered copies of brain slices (`training/guard_trunk.py`); `build_guardnet`
+is the small CNN trained from scratch that it replaced (`train-guard --network cnn`). This module
+serves either: it needs only a model whose last layer is the logit and whose `EMBEDDING_LAYER`
+gives the features.
 
 Two scores come out of it. The logit ("brain_likeness") answers "brain slice or one of the kinds
-of image it was taught to refuse?", and so generalises from those kinds, not to new ones: trained
-without head CT, it refused under a fifth of real head CT. The second ("brain_distance") needs no
-negative at all: the squared Mahalanobis distance of its pooled features (the layer before the
-logit) to one Gaussian fitted on the training brain slices (`ood.fit_gaussian`). What the network
-learnt to measure separates a CT or a knee from a brain even when it was never told that either
-was wrong; with head CT held out this check alone refused about three in five of them.
+of image it was taught to refuse?", and so generalises best to kinds like those. The second
+("brain_distance") needs no negative at all: the squared Mahalanobis distance of the features
+(`EMBEDDING_LAYER`) to one Gaussian fitted on the training brain slices (`ood.fit_gaussian`), so
+it can refuse a new kind that the features tell apart from every brain slice.
 
 It depends on no classifier, so one guard network serves every model; `brainmri train-guard`
-(`guard_training.py`) writes it to `model/brainmri_guard.h5` and its metadata (bound, held-out
-figures) beside it; `brainmri calibrate` links it into each model's guard.
+(`training/guard_training.py`) writes it to `model/guard/brainmri_guard.h5`, its ONNX copy and
+its metadata (bounds, held-out figures) beside it; `brainmri calibrate` links it into each
+model's guard.
 """
 
 from __future__ import annotations
