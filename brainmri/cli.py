@@ -366,7 +366,8 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
     manifest_path = splits_path or splits.splits_path_for(_model_or_default(None))
     # The CNN recipe bounded its logit at the bare validation tail (GuardConfig.margin).
     config = (guard_training.GuardConfig() if network == "trunk"
-              else guard_training.GuardConfig(network="cnn", epochs=epochs, margin=0.0))
+              else guard_training.GuardConfig(network="cnn", epochs=epochs, margin=0.0,
+                                              source_folds=False))
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
         prepared = guard_training.assemble(list(data), json.loads(manifest_path.read_text()),
@@ -389,6 +390,12 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
                        f" = {tally['rate']:.3f}")
         click.echo(f"  overall {report['overall']:.4f}; brain collections left out: "
                    f"{report['collections']}")
+        for category, by_source in (report.get("sources") or {}).items():
+            refused = sum(t["refused"] for t in by_source.values())
+            images = sum(t["images"] for t in by_source.values())
+            worst = min(by_source.items(), key=lambda item: item[1]["rate"])
+            click.echo(f"  one source out {category:>32}: refused {refused}/{images}; worst "
+                       f"{worst[0]} {worst[1]['refused']}/{worst[1]['images']}")
     click.echo("Now run `brainmri calibrate` for each model so that its guard uses this network.")
 
 

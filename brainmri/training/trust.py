@@ -269,15 +269,19 @@ def _summarise(report: dict[str, Any]) -> None:
     report["worst_source"] = min(source_rates) if source_rates else None
 
 
-def network_held_out(guard: ood.OODGuard, real: _Measured) -> dict[str, Any]:
+def network_held_out(guard: ood.OODGuard, real: _Measured,
+                     source_real: _Measured | None = None) -> dict[str, Any]:
     """Refusal of each real category (and source) when the guard network never saw it.
 
     `real` carries, per image, the logit of the network trained without its category
     (`_held_out_network`); every other check is fitted on brain slices only, so nothing else
-    needs refitting. A source's figure comes from the same category-out network, a stricter
-    test than leaving out the source alone.
+    needs refitting. A source's figure comes from `source_real`, the network trained without
+    that source alone, when train-guard ran those folds; else from the same category-out
+    network, a stricter test than leaving out the source alone.
     """
     verdicts = _verdicts(guard, real.subset(np.ones(len(real.emb), bool)))
+    source_verdicts = (verdicts if source_real is None else
+                       _verdicts(guard, source_real.subset(np.ones(len(real.emb), bool))))
     report: dict[str, Any] = {"categories": {}, "sources": {}}
     for category in sorted(set(real.categories.tolist()) | set(real.unreadable)):
         out = real.categories == category
@@ -286,12 +290,14 @@ def network_held_out(guard: ood.OODGuard, real: _Measured) -> dict[str, Any]:
         sources = sorted(set(real.sources[out].tolist()))
         if len(sources) > 1:
             report["sources"][category] = {
-                source: _tally([v for v, o, s in zip(verdicts, out, real.sources)
+                source: _tally([v for v, o, s in zip(source_verdicts, out, real.sources)
                                 if o and s == source]) for source in sources}
     _summarise(report)
     report["rule"] = ("each category refused by the guard whose network was trained without "
                       "that category (its other checks never see a negative); sources judged by "
-                      "the same category-out network")
+                      + ("a network trained without that source alone, the category's other "
+                         "sources kept" if source_real is not None else
+                         "the same category-out network"))
     return report
 
 
@@ -316,7 +322,8 @@ def _relative(path: Path, folder: Path) -> str:
         return str(Path(path).resolve())
 
 
-def _held_out_network(real: _Measured, meta: dict[str, Any]) -> tuple[_Measured, int]:
+def _held_out_network(real: _Measured, meta: dict[str, Any], margin_key: str = "margins",
+                      distance_key: str = "distance_margins") -> tuple[_Measured, int]:
     """`real` with each image's "brain_likeness" and "brain_distance" from the network that
     never saw its category.
 
@@ -326,12 +333,13 @@ def _held_out_network(real: _Measured, meta: dict[str, Any]) -> tuple[_Measured,
     An image without a stored logit margin keeps the shipped network's (optimistic) value;
     their count is returned. One without a distance margin (its fold predates the distance:
     held_out["distance_folds_not_run"]) is not judged by the distance at all, which can only
-    understate its category's refusal.
+    understate its category's refusal. `margin_key`/`distance_key` "source_margins"/
+    "source_distance_margins" give the folds that left out the image's source alone.
     """
     held = meta.get("held_out") or {}
     features = dict(real.features)
     names = real.names if real.names is not None else []
-    margins = held.get("margins") or {}
+    margins = held.get(margin_key) or {}
     values = np.array(features["brain_likeness"], np.float64)
     missing = 0
     for i, image in enumerate(names):
@@ -342,7 +350,7 @@ def _held_out_network(real: _Measured, meta: dict[str, Any]) -> tuple[_Measured,
     features["brain_likeness"] = values
     bound = (meta.get("embedding") or {}).get("bound")
     if "brain_distance" in features and bound is not None:
-        distances = held.get("distance_margins") or {}
+        distances = held.get(distance_key) or {}
         features["brain_distance"] = np.array(
             [bound - distances[image] if image in distances else -np.inf for image in names],
             np.float64)
@@ -433,7 +441,10 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
         # No exposure head and no appearance distance: the network replaces both.
         guard = ood.OODGuard(base.bounds, base.centroids, base.whitening, base.info)
         held_real, without_margin = _held_out_network(real, network_meta)
-        held_out = network_held_out(guard, held_real)
+        source_real = (_held_out_network(real, network_meta, "source_margins",
+                                         "source_distance_margins")[0]
+                       if (network_meta.get("held_out") or {}).get("source_margins") else None)
+        held_out = network_held_out(guard, held_real, source_real)
     refused = np.array([v.refused for v in _verdicts(guard, val_measured)])
     if network is not None:
         held = network_meta.get("held_out") or {}

@@ -330,3 +330,39 @@ def test_a_zoomed_in_positive_is_the_same_head_cut_by_the_frame():
         zoomed = guard_training.zoomed_in(slice_, rng)
         assert zoomed.shape == slice_.shape and 0.0 <= zoomed.min() and zoomed.max() <= 1.0
         assert (zoomed < 0.05).mean() < (slice_ < 0.05).mean()
+
+
+def test_a_source_fold_leaves_out_that_source_alone_and_keeps_the_categorys_others(monkeypatch):
+    """A new source of a known kind is the likeliest real case: its fold must still train on
+    the category's other sources, and record every held-out image's margins."""
+    grey = np.zeros((1, 64, 64, 1), np.uint8)
+    data = guard_training.GuardData(
+        positives=np.repeat(grey, 2, 0), collections=np.array(["lgg", "sartaj"]),
+        val=np.repeat(grey, 2, 0), val_collections=np.array(["lgg", "sartaj"]),
+        negatives=np.repeat(grey, 4, 0),
+        categories=np.array(["head_ct", "head_ct", "head_ct", "chest_xray"]),
+        sources=np.array(["repo_a", "repo_b", "repo_b", "repo_c"]),
+        names=np.array(["head_ct/a.png", "head_ct/b1.png", "head_ct/b2.png", "chest_xray/c.png"]))
+    trained_on = []
+
+    def fake(data, keep_neg, keep_pos, config, progress):
+        trained_on.append(data.names[keep_neg].tolist())
+
+        def margins(which, mask):  # refuse b1 only, whoever left it out
+            if which != "negatives":
+                return np.ones(int(mask.sum())), np.ones(int(mask.sum()))
+            logit = np.array([-1.0 if n == "head_ct/b1.png" else 1.0 for n in data.names[mask]])
+            return logit, np.ones(len(logit))
+        return guard_training.FittedGuard(0.0, 1.0, (np.zeros(1), np.eye(1)), margins,
+                                          lambda: None)
+
+    monkeypatch.setattr(guard_training, "_train_and_bound", fake)
+    report = guard_training.held_out(data, guard_training.GuardConfig(), ["head_ct"])
+    assert ["head_ct/b1.png", "head_ct/b2.png", "chest_xray/c.png"] in trained_on  # a out
+    assert ["head_ct/a.png", "chest_xray/c.png"] in trained_on  # b out, a kept
+    assert report["sources"]["head_ct"] == {"repo_a": {"images": 1, "refused": 0, "rate": 0.0},
+                                            "repo_b": {"images": 2, "refused": 1, "rate": 0.5}}
+    assert report["source_margins"]["head_ct/b1.png"] == -1.0
+    no_sources = guard_training.held_out(
+        data, guard_training.GuardConfig(source_folds=False), ["head_ct"])
+    assert "sources" not in no_sources
