@@ -42,26 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TAP_BLOCKS = (4, 7, 10)  # the last block of Lite0's 40-, 80- and 112-channel stages
 TAIL = 0.005  # the validation tail both bounds start from, as GuardConfig.tail
 
 
-def trunk_features(images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Mean and max of each tapped Lite0 block for uint8 (N, 64, 64, 1) guard inputs."""
-    import keras
-    import tensorflow as tf
+def trunk_features(images: np.ndarray) -> np.ndarray:
+    """The shipped trunk's features (`guard_trunk`) of uint8 (N, 64, 64, 1) guard inputs."""
+    from brainmri.training import guard_trunk
 
-    from brainmri.training import lite0
-
-    base = lite0.build_classifier(size=images.shape[1], weights="imagenet-lite0")
-    pooled = []
-    for block in TAP_BLOCKS:
-        out = base.get_layer(f"block{block}_add").output
-        pooled += [keras.layers.GlobalAveragePooling2D()(out), keras.layers.GlobalMaxPooling2D()(out)]
-    trunk = keras.Model(base.input, keras.layers.Concatenate()(pooled))
-    run = tf.function(lambda x: trunk(x, training=False), autograph=False)
-    return np.concatenate([np.asarray(run(tf.constant(images[i:i + batch], tf.float32) / 255.0))
-                           for i in range(0, len(images), batch)]).astype(np.float64)
+    return guard_trunk.trunk_features(guard_trunk.build_trunk(images.shape[1]), images)
 
 
 def reformat_inputs(lgg_root: Path, splits: dict, split: str) -> np.ndarray:
@@ -102,36 +90,22 @@ def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray
             for name, kept in sorted(sets.items())}
 
 
-def group_weights(groups: np.ndarray) -> np.ndarray:
-    """Sample weights summing to 1, equal per group (as the shipped guard draws its epochs)."""
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    return 1.0 / len(counts) / counts[inverse]
-
-
 class Fold:
-    """Head and distance fitted on the kept rows; `refused(rows, widen)` -> (logit, distance)."""
+    """Head and distance fitted on the kept rows (`guard_trunk.fit_head`, as train-guard does);
+    `refused(rows, widen)` -> (logit, distance)."""
 
     def __init__(self, pos, pos_groups, neg, neg_groups, val, c: float, shrinkage: float):
-        from sklearn.linear_model import LogisticRegression
+        from brainmri.training import guard_trunk
 
-        from brainmri.inference import ood
-
-        rows = np.concatenate([pos, neg])
-        self.mean, self.scale = rows.mean(axis=0), np.sqrt(rows.var(axis=0) + 1e-6)
-        weights = np.r_[group_weights(pos_groups), group_weights(neg_groups)] * len(rows)
-        self.head = LogisticRegression(C=c, max_iter=5000).fit(
-            self._z(rows), np.r_[np.ones(len(pos)), np.zeros(len(neg))], sample_weight=weights)
-        self.gaussian = ood.fit_gaussian(self._z(pos), shrinkage)
+        self.head = guard_trunk.fit_head(pos, pos_groups, neg, neg_groups, c)
+        self.gaussian = guard_trunk.distance_of(self.head, pos, shrinkage)
         self.val_logit, self.val_distance = self._scores(val)
-
-    def _z(self, rows):
-        return (rows - self.mean) / self.scale
 
     def _scores(self, rows):
         from brainmri.inference import ood
 
-        z = self._z(rows)
-        return self.head.decision_function(z), ood.gaussian_distance(z, *self.gaussian)
+        return (self.head.logits(rows),
+                ood.gaussian_distance(self.head.standardise(rows), *self.gaussian))
 
     def refused(self, rows, widen: float) -> tuple[np.ndarray, np.ndarray]:
         """Refused by the logit, and by the distance, with both bounds widened by `widen`
@@ -153,6 +127,8 @@ def main() -> None:
     parser.add_argument("--widen", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--reformats", action="store_true",
                         help="train and bound on LGG's sagittal and coronal reformats too")
+    parser.add_argument("--zoomed-in", type=int, default=0,
+                        help="zoomed-in training slices as positives (the shipped recipe: 2000)")
     args = parser.parse_args()
 
     from brainmri.training import guard_training
@@ -160,8 +136,11 @@ def main() -> None:
 
     start = time.perf_counter()
     splits = json.loads(args.splits.read_text())
+    # Reformats are added below (--reformats), so that the collection-out folds can be
+    # measured on axial slices alone.
+    config = guard_training.GuardConfig(reformats=False, zoomed_in=args.zoomed_in)
     data = guard_training.assemble([args.data_root / "sartaj", args.data_root / "lgg"],
-                                   splits, args.data_root / "ood_train")
+                                   splits, args.data_root / "ood_train", config=config)
     pos, neg, val = (trunk_features(x) for x in (data.positives, data.negatives, data.val))
     planes = {split: trunk_features(reformat_inputs(args.data_root / "lgg", splits, split))
               for split in ("train", "val", "test")}

@@ -8,7 +8,7 @@ text, checkerboards, blanks). The shipped network is a logistic head on a frozen
 (`guard_trunk.py`); `GuardConfig(network="cnn")` trains the small CNN it replaced. Its refusal
 bound is set on the validation slices of every collection, and so is the bound of its one-class
 "brain_distance" (a Gaussian on the training slices' features). `--held-out` refits once per
-real category left out (and once per brain collection left out) and records, for every
+real category left out (and once per source of it, and per brain collection) and records, for every
 held-out image, how far it lay inside both bounds of the network that never saw its kind: that
 is the figure the guard is judged by.
 """
@@ -31,6 +31,7 @@ import numpy as np
 from ..imaging import ImageError
 from ..imaging import PREPROCESSING_VERSION
 from ..imaging import load_scan
+from ..imaging import preprocess
 from ..inference import guardnet
 from ..inference import ood
 from . import guard_trunk
@@ -197,8 +198,6 @@ def zoomed_in(image: np.ndarray, rng: np.random.Generator,
               zoom_range: tuple[float, float] = (0.65, 0.9)) -> np.ndarray:
     """A preprocessed slice (H, W) cropped to a random square window of `zoom_range` of its
     side and sent through `preprocess` again: the same head, zoomed in and cut by the frame."""
-    from ..imaging.preprocessing import preprocess
-
     side = image.shape[0]
     crop = int(round(side * rng.uniform(*zoom_range)))
     top, left = rng.integers(0, side - crop + 1, 2)
