@@ -366,3 +366,23 @@ def test_a_source_fold_leaves_out_that_source_alone_and_keeps_the_categorys_othe
     no_sources = guard_training.held_out(
         data, guard_training.GuardConfig(source_folds=False), ["head_ct"])
     assert "sources" not in no_sources
+
+
+@pytest.mark.slow
+def test_the_cnn_recipe_still_fits_bounds_and_serves(tmp_path):
+    """`train-guard --network cnn` goes through the same fit and files as the trunk."""
+    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(24)])
+    others = np.stack([load_scan(image.data, 128) for image in ood_sets.synthetic_images(4)])
+    to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
+    data = guard_training.GuardData(
+        positives=to_u8(heads[:16]), collections=np.array(["synthetic"] * 16),
+        val=to_u8(heads[16:]), val_collections=np.array(["synthetic"] * 8),
+        negatives=to_u8(others), categories=np.array(["noise"] * len(others)),
+        sources=np.array(["synthetic"] * len(others)), names=np.array([""] * len(others)))
+    config = guard_training.GuardConfig(network="cnn", epochs=1, epoch_images=64, width=4,
+                                        margin=0.0, source_folds=False)
+    block = guard_training.fit(data, tmp_path / "guard.h5", config)
+    assert block["network"] == "small CNN trained from scratch" and block["bound_margin"] == 0.0
+    net = guardnet.GuardNet.load(tmp_path / "guard.h5", onnx_sha256=block["onnx_sha256"])
+    assert net.embedding is not None and net.engine == "onnx"
+    assert set(net.scores(heads[:2])) == {"brain_likeness", "brain_distance"}
