@@ -297,18 +297,24 @@ def test_the_logit_bound_widens_only_as_far_as_the_validation_refusal_budget_all
     assert bare == pytest.approx(np.quantile(logits, config.tail), abs=0.05)
 
 
+def _synthetic_guard_data(train: int, val: int, per_category: int) -> guard_training.GuardData:
+    """Synthetic heads (train, then val) against `ood_sets.synthetic_images`, as GuardData."""
+    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(train + val)])
+    others = np.stack([load_scan(image.data, 128)
+                       for image in ood_sets.synthetic_images(per_category)])
+    to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
+    return guard_training.GuardData(
+        positives=to_u8(heads[:train]), collections=np.array(["synthetic"] * train),
+        val=to_u8(heads[train:]), val_collections=np.array(["synthetic"] * val),
+        negatives=to_u8(others), categories=np.array(["noise"] * len(others)),
+        sources=np.array(["synthetic"] * len(others)), names=np.array([""] * len(others)))
+
+
 @pytest.mark.slow
 def test_a_trunk_fit_refuses_noise_accepts_new_heads_and_serves(tmp_path):
     """The shipped recipe end to end on synthetic heads vs synthetic negatives: ImageNet trunk,
     fitted head, both bounds, the saved network loads with its distance fit and separates them."""
-    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(64)])
-    others = np.stack([load_scan(image.data, 128) for image in ood_sets.synthetic_images(8)])
-    to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
-    data = guard_training.GuardData(
-        positives=to_u8(heads[:48]), collections=np.array(["synthetic"] * 48),
-        val=to_u8(heads[48:]), val_collections=np.array(["synthetic"] * 16),
-        negatives=to_u8(others), categories=np.array(["noise"] * len(others)),
-        sources=np.array(["synthetic"] * len(others)), names=np.array([""] * len(others)))
+    data = _synthetic_guard_data(train=48, val=16, per_category=8)
     block = guard_training.fit(data, tmp_path / "guard.h5", guard_training.GuardConfig(head_c=1.0))
     assert block["network"].startswith("lite0-trunk")
     net = guardnet.GuardNet.load(tmp_path / "guard.h5", onnx_sha256=block["onnx_sha256"])
@@ -371,14 +377,8 @@ def test_a_source_fold_leaves_out_that_source_alone_and_keeps_the_categorys_othe
 @pytest.mark.slow
 def test_the_cnn_recipe_still_fits_bounds_and_serves(tmp_path):
     """`train-guard --network cnn` goes through the same fit and files as the trunk."""
-    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(24)])
-    others = np.stack([load_scan(image.data, 128) for image in ood_sets.synthetic_images(4)])
-    to_u8 = lambda a: guardnet.shrink((a * 255).astype(np.uint8))  # noqa: E731
-    data = guard_training.GuardData(
-        positives=to_u8(heads[:16]), collections=np.array(["synthetic"] * 16),
-        val=to_u8(heads[16:]), val_collections=np.array(["synthetic"] * 8),
-        negatives=to_u8(others), categories=np.array(["noise"] * len(others)),
-        sources=np.array(["synthetic"] * len(others)), names=np.array([""] * len(others)))
+    heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(2)])
+    data = _synthetic_guard_data(train=16, val=8, per_category=4)
     config = guard_training.GuardConfig(network="cnn", epochs=1, epoch_images=64, width=4,
                                         margin=0.0, source_folds=False)
     block = guard_training.fit(data, tmp_path / "guard.h5", config)
