@@ -295,7 +295,11 @@ def fit_distance(net: guardnet.GuardNet, positives: np.ndarray, val: np.ndarray,
     """Fit "brain_distance" on `positives` (sets `net.embedding`); return its bound on `val`."""
     _, features = net.measure(positives)
     net.embedding = ood.fit_gaussian(features, config.distance_shrinkage)
-    distances = net.distances(net.measure(val)[1])
+    return _distance_bound(net.distances(net.measure(val)[1]), config)
+
+
+def _distance_bound(distances: np.ndarray, config: GuardConfig) -> float:
+    """The distance's bound: its validation tail, widened by the cross-fitted margin."""
     margin = ood.choose_margin(distances, config.distance_tail, config.max_distance_refusal)
     return float(ood._bound(distances, "high", config.distance_tail, margin)[1])
 
@@ -327,8 +331,10 @@ def _logit_margin(logits: np.ndarray, config: GuardConfig) -> float:
     return ood.choose_margin(-logits, config.tail, config.max_logit_refusal)
 
 
-def _logit_bound(logits: np.ndarray, config: GuardConfig) -> float:
-    return float(ood._bound(logits, "low", config.tail, _logit_margin(logits, config))[0])
+def _logit_bound(logits: np.ndarray, config: GuardConfig, margin: float | None = None) -> float:
+    """The logit's bound: its validation tail, widened by `margin` (default `_logit_margin`)."""
+    margin = _logit_margin(logits, config) if margin is None else margin
+    return float(ood._bound(logits, "low", config.tail, margin)[0])
 
 
 def _train_and_bound(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray,
@@ -344,12 +350,13 @@ def _train_and_bound(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray
                            data.negatives[keep_neg], data.categories[keep_neg], config, progress)
     net = guardnet.GuardNet(model)
     val_logits = net.logits(data.val[trained])
-    low = _logit_bound(val_logits, config)
+    logit_margin = _logit_margin(val_logits, config)
+    low = _logit_bound(val_logits, config, logit_margin)
     distance_bound = fit_distance(net, data.positives[keep_pos], data.val[trained], config)
     return FittedGuard(low, distance_bound, net.embedding,
                        lambda which, mask: margins(net, getattr(data, which)[mask], low,
                                                    distance_bound),
-                       lambda: model, _logit_margin(val_logits, config))
+                       lambda: model, logit_margin)
 
 
 def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trained: np.ndarray,
@@ -367,9 +374,9 @@ def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trai
         return head.logits(rows), ood.gaussian_distance(head.standardise(rows), *embedding)
 
     val_logits, val_distances = scores(features["val"][trained])
-    low = _logit_bound(val_logits, config)
-    margin = ood.choose_margin(val_distances, config.distance_tail, config.max_distance_refusal)
-    distance_bound = float(ood._bound(val_distances, "high", config.distance_tail, margin)[1])
+    logit_margin = _logit_margin(val_logits, config)
+    low = _logit_bound(val_logits, config, logit_margin)
+    distance_bound = _distance_bound(val_distances, config)
 
     def fold_margins(which: str, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, distances = scores(features[which][mask])
@@ -378,7 +385,7 @@ def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trai
     return FittedGuard(low, distance_bound, embedding, fold_margins,
                        lambda: guard_trunk.guard_model(
                            guard_trunk.build_trunk(data.positives.shape[1]), head),
-                       _logit_margin(val_logits, config))
+                       logit_margin)
 
 
 def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None = None,
@@ -456,14 +463,8 @@ def _source_folds(data: GuardData, category: str, config: GuardConfig, report: d
         out = (data.categories == category) & (data.sources == source)
         fold = _train_and_bound(data, ~out, everyone, config, progress)
         logit_margins, distance_margins = fold.margins("negatives", out)
-        refused = int((np.minimum(logit_margins, distance_margins) < 0).sum())
-        report["sources"][category][source] = {"images": int(out.sum()), "refused": refused,
-                                               "rate": round(refused / int(out.sum()), 4)}
-        names = data.names[out]
-        report["source_margins"].update(
-            {name: round(float(m), 4) for name, m in zip(names, logit_margins)})
-        report["source_distance_margins"].update(
-            {name: round(float(m), 4) for name, m in zip(names, distance_margins)})
+        report["sources"][category][source] = _fold_tally(logit_margins, distance_margins)
+        _record_margins(report, data.names[out], logit_margins, distance_margins, "source_")
     if progress:
         tally = report["sources"][category].values()
         progress(f"  {category}, one source out at a time: refused "
@@ -473,12 +474,23 @@ def _source_folds(data: GuardData, category: str, config: GuardConfig, report: d
 def record_fold(report: dict[str, Any], category: str, names: np.ndarray,
                 logit_margins: np.ndarray, distance_margins: np.ndarray) -> None:
     """Enter one held-out category's margins and tally (refused: either margin negative)."""
+    report["categories"][category] = _fold_tally(logit_margins, distance_margins)
+    _record_margins(report, names, logit_margins, distance_margins)
+
+
+def _fold_tally(logit_margins: np.ndarray, distance_margins: np.ndarray) -> dict[str, Any]:
     refused = int((np.minimum(logit_margins, distance_margins) < 0).sum())
-    report["categories"][category] = {"images": len(names), "refused": refused,
-                                      "rate": round(refused / max(len(names), 1), 4)}
-    report["margins"].update({name: round(float(m), 4) for name, m in zip(names, logit_margins)})
-    report["distance_margins"].update({name: round(float(m), 4)
-                                       for name, m in zip(names, distance_margins)})
+    images = len(logit_margins)
+    return {"images": images, "refused": refused, "rate": round(refused / max(images, 1), 4)}
+
+
+def _record_margins(report: dict[str, Any], names: np.ndarray, logit_margins: np.ndarray,
+                    distance_margins: np.ndarray, prefix: str = "") -> None:
+    """Each image's margins, under `<prefix>margins` and `<prefix>distance_margins`."""
+    report[f"{prefix}margins"].update(
+        {name: round(float(m), 4) for name, m in zip(names, logit_margins)})
+    report[f"{prefix}distance_margins"].update(
+        {name: round(float(m), 4) for name, m in zip(names, distance_margins)})
 
 
 def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
