@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -45,11 +46,18 @@ ROOT = Path(__file__).resolve().parent.parent
 TAIL = 0.005  # the validation tail both bounds start from, as GuardConfig.tail
 
 
+@functools.cache
+def _trunk(side: int):
+    from brainmri.training import guard_trunk
+
+    return guard_trunk.build_trunk(side)  # built once: every set below runs through it
+
+
 def trunk_features(images: np.ndarray) -> np.ndarray:
     """The shipped trunk's features (`guard_trunk`) of uint8 (N, 64, 64, 1) guard inputs."""
     from brainmri.training import guard_trunk
 
-    return guard_trunk.trunk_features(guard_trunk.build_trunk(images.shape[1]), images)
+    return guard_trunk.trunk_features(_trunk(images.shape[1]), images)
 
 
 def reformat_inputs(lgg_root: Path, splits: dict, split: str) -> np.ndarray:
@@ -141,7 +149,8 @@ def main() -> None:
     config = guard_training.GuardConfig(reformats=False, zoomed_in=args.zoomed_in)
     data = guard_training.assemble([args.data_root / "sartaj", args.data_root / "lgg"],
                                    splits, args.data_root / "ood_train", config=config)
-    pos, neg, val = (trunk_features(x) for x in (data.positives, data.negatives, data.val))
+    features = guard_training.trunk_features_of(data)  # as train-guard computes them
+    pos, neg, val = features["positives"], features["negatives"], features["val"]
     planes = {split: trunk_features(reformat_inputs(args.data_root / "lgg", splits, split))
               for split in ("train", "val", "test")}
     brain = {name: trunk_features(x) for name, x in held_out_brain_inputs(args.data_root, splits).items()}
