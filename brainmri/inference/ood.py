@@ -47,10 +47,12 @@ __all__ = [
     "fit_exposure",
     "fit_gaussian",
     "fit_guard",
+    "fit_prototypes",
     "gaussian_distance",
     "gaussian_from_metadata",
     "gaussian_to_metadata",
     "image_features",
+    "prototype_distance",
 ]
 
 # Feature -> (which side is checked, the least slack beyond the validation data, what a refusal
@@ -430,6 +432,30 @@ def gaussian_distance(rows: np.ndarray, mean: np.ndarray, whitening: np.ndarray)
     """Squared Mahalanobis distance of each row to a `fit_gaussian` fit, per dimension."""
     diff = (np.atleast_2d(np.asarray(rows, np.float64)) - mean) @ whitening
     return (diff**2).mean(axis=1)
+
+
+def fit_prototypes(rows: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Which of `count` k-means clusters (scikit-learn's MiniBatchKMeans) each row falls in.
+
+    The brain slices' features are many looks (collections, sequences, planes, zoom), not one
+    cloud: one Gaussian wide enough for all of them also covers a knee or an abdomen, while the
+    nearest of many cluster centres stays close to every look and far from what lies between.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    rows = np.asarray(rows, np.float64)
+    count = min(count, len(rows))
+    return MiniBatchKMeans(count, random_state=seed, n_init=3, batch_size=2048).fit_predict(rows)
+
+
+def prototype_distance(rows: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of each row to its nearest prototype, per dimension."""
+    rows = np.atleast_2d(np.asarray(rows, np.float64))
+    prototypes = np.asarray(prototypes, np.float64)
+    # |x - c|² = |x|² - 2 x·c + |c|²: one matrix product instead of an (N, K, dims) array.
+    squared = ((rows**2).sum(1)[:, None] - 2.0 * rows @ prototypes.T
+               + (prototypes**2).sum(1)[None, :])
+    return np.maximum(squared.min(axis=1), 0.0) / rows.shape[1]
 
 
 def _bound(values: np.ndarray, side: str, tail: float, margin: float,

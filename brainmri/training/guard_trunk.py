@@ -24,8 +24,8 @@ import numpy as np
 from ..inference import guardnet
 from ..inference import ood
 
-__all__ = ["TAP_BLOCKS", "TrunkHead", "build_trunk", "distance_of", "fit_head", "group_weights",
-           "guard_model", "trunk_features"]
+__all__ = ["TAP_BLOCKS", "TrunkHead", "build_trunk", "cluster_positives", "distance_of",
+           "fit_head", "group_weights", "guard_model", "prototypes_of", "trunk_features"]
 
 TAP_BLOCKS = (4, 7, 10)  # the last block of Lite0's 40-, 80- and 112-channel stages
 _EPSILON = 1e-6  # added to each feature's variance: some ReLU6 maxima never vary
@@ -115,6 +115,24 @@ def guard_model(trunk, head: TrunkHead):
     return model
 
 
-def distance_of(head: TrunkHead, positives: np.ndarray, shrinkage: float):
-    """"brain_distance" fit (mean, whitening) on the standardised features of `positives`."""
-    return ood.fit_gaussian(head.standardise(positives), shrinkage)
+def distance_of(head: TrunkHead, positives: np.ndarray, shrinkage: float) -> guardnet.GaussianFit:
+    """"brain_distance" as one Gaussian on the standardised features of `positives`."""
+    return guardnet.GaussianFit(*ood.fit_gaussian(head.standardise(positives), shrinkage))
+
+
+def cluster_positives(positives: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """k-means cluster of each positive's trunk features (`ood.fit_prototypes`), on features
+    scaled by the positives' own spread, so that the clusters depend on the positives alone
+    and every fold with the same positives reuses them."""
+    scale = np.sqrt(positives.var(axis=0) + _EPSILON)
+    return ood.fit_prototypes((positives - positives.mean(axis=0)) / scale, count, seed)
+
+
+def prototypes_of(head: TrunkHead, positives: np.ndarray,
+                  clusters: np.ndarray) -> guardnet.PrototypeFit:
+    """"brain_distance" to the nearest cluster centre of `positives` in the head's standardised
+    features (the mean of a cluster standardised is the standardised mean: one fold's head
+    reuses clusters found once)."""
+    labels = np.unique(clusters)
+    centres = np.stack([positives[clusters == label].mean(axis=0) for label in labels])
+    return guardnet.PrototypeFit(head.standardise(centres))

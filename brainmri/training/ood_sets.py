@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["OODImage", "RealNegative", "mri_variants", "photo_images", "ct_images",
            "synthetic_images", "exposure_negatives", "real_negatives", "as_mr_dicom",
-           "default_ood_root", "made_from_slices", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
+           "ct_bone_air", "default_ood_root", "made_from_slices", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
 # Test categories whose family the exposure head saw: transforms of training-split images, and
@@ -274,6 +274,26 @@ def exposure_negatives(grey_images: list[np.ndarray], seed: int = 20261122) -> I
 
 
 
+def _head_rings(grey: np.ndarray, skin: float, bone: float, least_bone: int = 1):
+    """The head's filled outline, less a skin band, less a bone band (`skin` and `bone` as
+    shares of the side, the bone at least `least_bone` pixels); None when no head stands out."""
+    blurred = cv2.GaussianBlur(grey, (5, 5), 0)
+    otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (blurred > max(otsu / 2, 8)).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return None
+    head = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    contours, _ = cv2.findContours(head, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(head)
+    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, -1)
+    side = max(grey.shape)
+    skin, bone = max(1, int(side * skin)), max(least_bone, int(side * bone))
+    outer = cv2.erode(filled, np.ones((2 * skin + 1, 2 * skin + 1), np.uint8))
+    inner = cv2.erode(outer, np.ones((2 * bone + 1, 2 * bone + 1), np.uint8))
+    return filled, outer, inner
+
+
 def ct_like(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A head-CT look-alike built from a grey MRI slice (uint8 in, uint8 out).
 
@@ -284,21 +304,11 @@ def ct_like(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     outline, so it needs no real head CT to learn it.
     """
     image = grey.astype(np.float32) / 255.0
-    blurred = cv2.GaussianBlur((image * 255).astype(np.uint8), (5, 5), 0)
-    otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = (blurred > max(otsu / 2, 8)).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if count <= 1:
+    skin = rng.uniform(0.0, 0.015)
+    rings = _head_rings(grey, skin, rng.uniform(0.02, 0.06), least_bone=2)
+    if rings is None:
         return grey
-    head = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    contours, _ = cv2.findContours(head, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros_like(head)
-    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, -1)
-    side = max(grey.shape)
-    skin = max(1, int(side * rng.uniform(0.0, 0.015)))
-    bone = max(2, int(side * rng.uniform(0.02, 0.06)))
-    outer = cv2.erode(filled, np.ones((2 * skin + 1, 2 * skin + 1), np.uint8))
-    inner = cv2.erode(outer, np.ones((2 * bone + 1, 2 * bone + 1), np.uint8))
+    filled, outer, inner = rings
     sigma = rng.uniform(0.7, 2.0)
     soft = cv2.GaussianBlur(image, (0, 0), sigma)
     # Brain window: tissue at 30-55 % grey with 15-45 % of the MRI's contrast.
@@ -312,4 +322,37 @@ def ct_like(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out[outer > 0] = rng.uniform(0.85, 1.0)  # bone
     out[inner > 0] = tissue[inner > 0]
     out += rng.normal(0, rng.uniform(0.0, 0.03), out.shape).astype(np.float32) * (filled > 0)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def ct_bone_air(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A head-CT look-alike in which the MRI's signal voids become bone or air (uint8 in, out).
+
+    Cortical bone and air both give no MRI signal, so they are dark on every sequence; on CT
+    bone is the brightest thing and air the darkest. `ct_like` paints only a ring at the
+    outline; this one also turns each dark region inside the head (skull base, sinuses, the
+    skull under the scalp) white or black, and sets the brain window anywhere from dark to
+    mid-grey, as real head CT is exported: the skull base and the dark windows `ct_like`
+    never makes.
+    """
+    image = grey.astype(np.float32) / 255.0
+    rings = _head_rings(grey, rng.uniform(0.0, 0.015), rng.uniform(0.015, 0.05))
+    if rings is None:
+        return grey
+    filled, outer, inner = rings
+    inside = filled > 0
+    soft = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.7, 2.0))
+    voids = inside & (soft < float(np.median(soft[inside])) * rng.uniform(0.3, 0.6))
+    count, parts = cv2.connectedComponents(voids.astype(np.uint8), connectivity=8)
+    level, spread = rng.uniform(0.1, 0.55), rng.uniform(0.1, 0.4)
+    centre = soft[inner > 0].mean() if inner.any() else soft.mean()
+    out = level + spread * (soft - centre)
+    out[~inside] = 0.0
+    out[inside & (inner == 0)] = rng.uniform(0.2, 0.45)  # scalp
+    out[(outer > 0) & (inner == 0)] = rng.uniform(0.85, 1.0)  # the skull under it
+    bone_share = rng.uniform(0.3, 0.9)
+    for part in range(1, count):
+        out[parts == part] = (rng.uniform(0.85, 1.0) if rng.random() < bone_share
+                              else rng.uniform(0.0, 0.05))
+    out += rng.normal(0, rng.uniform(0.0, 0.03), out.shape).astype(np.float32) * inside
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)

@@ -66,6 +66,27 @@ def test_ct_like_keeps_the_outline_with_a_bright_skull_around_flat_tissue():
     assert 0.15 * 255 < inner.mean() < 0.75 * 255
 
 
+def test_ct_bone_air_turns_the_slices_dark_regions_to_bone_or_air():
+    import cv2
+
+    grey = synthetic_slice(160, 3)
+    cv2.circle(grey, (80, 80), 9, 3, -1)  # a signal void in the middle of the head
+    head = grey > 20
+    void = []
+    for seed in range(8):
+        fake = ood_sets.ct_bone_air(grey, np.random.default_rng(seed))
+        assert fake.shape == grey.shape and fake.dtype == np.uint8
+        assert (fake[~head] == 0).mean() > 0.95  # the background stays black
+        void.append(int(fake[80, 80]))
+    # The void became bone (brightest) or air (black), never tissue; both happen.
+    assert all(v >= 0.8 * 255 or v <= 0.1 * 255 for v in void)
+    assert max(void) >= 0.8 * 255 and min(void) <= 0.1 * 255
+    tiny = np.zeros((128, 128), np.uint8)
+    tiny[60:66, 60:66] = 200  # an end-of-volume sliver: no tissue inside the bone ring
+    assert ood_sets.ct_bone_air(tiny, np.random.default_rng(0)).shape == tiny.shape
+    assert (ood_sets.ct_bone_air(np.zeros((64, 64), np.uint8), np.random.default_rng(0)) == 0).all()
+
+
 class _FixedNetwork:
     """Stand-in for GuardNet: a logit per input from its mean brightness (bright = brain)."""
 
@@ -177,6 +198,67 @@ def test_gaussian_distance_is_the_squared_mahalanobis_distance_per_dimension():
     precision = np.linalg.inv(np.cov(rows, rowvar=False))
     expected = np.einsum("ij,jk,ik->i", probe - rows.mean(0), precision, probe - rows.mean(0)) / 3
     np.testing.assert_allclose(ood.gaussian_distance(probe, mean, whitening), expected, rtol=1e-9)
+
+
+def test_prototype_distance_is_the_squared_distance_to_the_nearest_prototype_per_dimension():
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(7, 4))
+    probe = np.r_[rng.normal(size=(5, 4)), prototypes[3:4]]
+    expected = ((probe[:, None, :] - prototypes[None]) ** 2).sum(-1).min(1) / 4
+    got = ood.prototype_distance(probe, prototypes)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert got[-1] == pytest.approx(0.0, abs=1e-12)  # a prototype itself is at distance 0
+
+
+def test_prototypes_are_near_every_look_of_the_positives_where_one_gaussian_is_not():
+    """Two tight clouds: a point between them is far from both centres, though the Gaussian
+    fitted on both clouds puts it at their mean, as close as anything gets."""
+    rng = np.random.default_rng(1)
+    rows = np.r_[rng.normal(-5, 0.3, size=(200, 2)), rng.normal(5, 0.3, size=(200, 2))]
+    clusters = ood.fit_prototypes(rows, 2, seed=0)
+    assert len(set(clusters[:200].tolist())) == 1 and clusters[0] != clusters[-1]
+    centres = np.stack([rows[clusters == k].mean(0) for k in (0, 1)])
+    between, inside = np.zeros((1, 2)), np.full((1, 2), 5.0)
+    assert ood.prototype_distance(between, centres)[0] > 50 * ood.prototype_distance(inside, centres)[0]
+    mean, whitening = ood.fit_gaussian(rows, shrinkage=0.0)
+    assert ood.gaussian_distance(between, mean, whitening)[0] < ood.gaussian_distance(
+        inside, mean, whitening)[0]
+
+
+def test_the_distance_fits_round_trip_through_the_guard_metadata():
+    rng = np.random.default_rng(2)
+    fits = [guardnet.PrototypeFit(rng.normal(size=(6, 5))),
+            guardnet.GaussianFit(*ood.fit_gaussian(rng.normal(size=(50, 5)), 0.1))]
+    probe = rng.normal(size=(4, 5))
+    for fit in fits:
+        meta = guardnet.embedding_to_metadata(fit, 1.5, fitted_on="test")
+        assert meta["bound"] == 1.5 and meta["layer"] == guardnet.EMBEDDING_LAYER
+        again = guardnet.embedding_from_metadata(meta)
+        assert type(again) is type(fit)
+        np.testing.assert_allclose(again.distance(probe), fit.distance(probe), rtol=1e-5)
+    # A guard written before prototypes has no "kind": its fit is the Gaussian.
+    old = guardnet.embedding_to_metadata(fits[1], 1.0)
+    del old["kind"]
+    assert isinstance(guardnet.embedding_from_metadata(old), guardnet.GaussianFit)
+    with pytest.raises(ValueError, match="unknown"):
+        guardnet.embedding_from_metadata({**old, "kind": "forest"})
+
+
+def test_the_trunks_prototypes_are_its_clusters_means_in_each_heads_standardised_features():
+    """Clusters found once serve every fold: a cluster's standardised mean is its mean
+    standardised, whatever the fold's head standardises with."""
+    from brainmri.training import guard_trunk
+
+    rng = np.random.default_rng(3)
+    positives = np.r_[rng.normal(0, 1, size=(60, 6)), rng.normal(8, 1, size=(60, 6))]
+    negatives = rng.normal(-8, 1, size=(40, 6))
+    clusters = guard_trunk.cluster_positives(positives, 2)
+    for kept in (negatives, negatives[:10]):
+        head = guard_trunk.fit_head(positives, np.zeros(120), kept, np.zeros(len(kept)), 1.0)
+        fit = guard_trunk.prototypes_of(head, positives, clusters)
+        z = head.standardise(positives)
+        want = np.stack([z[clusters == k].mean(0) for k in np.unique(clusters)])
+        np.testing.assert_allclose(fit.prototypes, want, atol=1e-9)
 
 
 def test_a_fold_counts_an_image_refused_by_either_check():
