@@ -84,7 +84,9 @@ def main() -> None:
         ("guard: hand-made features", lambda: image_features(scan.model_input, scan.colourfulness)),
     ]
     if guard is not None and guard.network is not None:
-        rows.append((f"guard network ({guard.network.engine})", lambda: guard.network.logits(x)))
+        # Both of its scores, as the guard asks for them: the forward pass and brain_distance.
+        rows.append((f"guard network ({guard.network.engine}), both scores",
+                     lambda: guard.network.scores(x)))
     rows += [
         ("classifier forward pass", lambda: predictor.forward(x)),
         ("guarded path (classify_one)", lambda: classify_one(predictor, data, 0.6)),

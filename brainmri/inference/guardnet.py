@@ -182,9 +182,15 @@ class PrototypeFit:
 
     prototypes: np.ndarray  # (K, dims)
 
+    def __post_init__(self) -> None:
+        # Once, not per upload: summing 1,024 × 464 squares took 1 ms of a 1.1 ms distance.
+        prototypes = np.asarray(self.prototypes, np.float64)
+        object.__setattr__(self, "prototypes", prototypes)
+        object.__setattr__(self, "_squared_norms", (prototypes**2).sum(1))
+
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Per row, per dimension (`ood.prototype_distance`)."""
-        return ood.prototype_distance(features, self.prototypes)
+        return ood.prototype_distance(features, self.prototypes, self._squared_norms)
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON form: the prototypes as float32 base64, row-major."""

@@ -448,13 +448,16 @@ def fit_prototypes(rows: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return MiniBatchKMeans(count, random_state=seed, n_init=3, batch_size=2048).fit_predict(rows)
 
 
-def prototype_distance(rows: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distance of each row to its nearest prototype, per dimension."""
+def prototype_distance(rows: np.ndarray, prototypes: np.ndarray,
+                       squared_norms: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distance of each row to its nearest prototype, per dimension
+    (`squared_norms`: the prototypes' own, when the caller keeps them)."""
     rows = np.atleast_2d(np.asarray(rows, np.float64))
     prototypes = np.asarray(prototypes, np.float64)
+    if squared_norms is None:
+        squared_norms = (prototypes**2).sum(1)
     # |x - c|² = |x|² - 2 x·c + |c|²: one matrix product instead of an (N, K, dims) array.
-    squared = ((rows**2).sum(1)[:, None] - 2.0 * rows @ prototypes.T
-               + (prototypes**2).sum(1)[None, :])
+    squared = (rows**2).sum(1)[:, None] - 2.0 * rows @ prototypes.T + squared_norms[None, :]
     return np.maximum(squared.min(axis=1), 0.0) / rows.shape[1]
 
 

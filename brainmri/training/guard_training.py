@@ -7,10 +7,10 @@ stacks and zoomed-in copies; negatives are the real images of `ood_train/` and s
 text, checkerboards, blanks). The shipped network is a logistic head on a frozen ImageNet trunk
 (`guard_trunk.py`); `GuardConfig(network="cnn")` trains the small CNN it replaced. Its refusal
 bound is set on the validation slices of every collection, and so is the bound of its one-class
-"brain_distance" (a Gaussian on the training slices' features). `--held-out` refits once per
-real category left out (and once per source of it, and per brain collection) and records, for every
-held-out image, how far it lay inside both bounds of the network that never saw its kind: that
-is the figure the guard is judged by.
+"brain_distance" (to the nearest k-means prototype of the training slices' features).
+`--held-out` refits once per real category left out (and once per source of it, and per brain
+collection) and records, for every held-out image, how far it lay inside both bounds of the
+network that never saw its kind: that is the figure the guard is judged by.
 """
 
 from __future__ import annotations
@@ -79,9 +79,8 @@ class GuardConfig:
     distance_shrinkage: float = 0.3
     # "brain_distance" to the nearest of this many k-means centres of the training slices'
     # features (`ood.fit_prototypes`) rather than to one Gaussian (0: the Gaussian, with
-    # `distance_shrinkage`; the CNN recipe's). On the held-out folds of the trunk's features the
-    # distance alone refused 78 % of held-out categories against 49 % for the Gaussian, and the
-    # guard 90 against 83 % (README -> Trust).
+    # `distance_shrinkage`; the CNN recipe's). With each category held out, the distance alone
+    # refused 83 % of it against 49 % for the Gaussian (train-guard --held-out; README -> Trust).
     prototypes: int = 1024
     ct_like: int = 1500  # head-CT look-alikes made from training slices (`ood_sets.ct_like`)
     # Head-CT look-alikes whose signal voids turn to bone or air (`ood_sets.ct_bone_air`): with

@@ -29,7 +29,8 @@ import numpy as np
 
 __all__ = ["OODImage", "RealNegative", "mri_variants", "photo_images", "ct_images",
            "synthetic_images", "exposure_negatives", "real_negatives", "as_mr_dicom",
-           "ct_bone_air", "default_ood_root", "made_from_slices", "EXPOSED_CATEGORIES", "SYNTHETIC_CATEGORIES"]
+           "ct_bone_air", "ct_like", "default_ood_root", "made_from_slices", "EXPOSED_CATEGORIES",
+           "SYNTHETIC_CATEGORIES"]
 
 SYNTHETIC_CATEGORIES = ("noise", "gradient", "text", "checkerboard", "blank")
 # Test categories whose family the exposure head saw: transforms of training-split images, and
