@@ -111,7 +111,8 @@ class NotBrainMRI(ImageError):
         super().__init__(
             "not_brain_mri",
             f"This does not look like a brain MRI slice ({reasons}), so no class is given. "
-            "Upload a grey-scale MRI slice of the head.",
+            # Turned slices are refused a quarter of the time or more (README -> Trust).
+            "Upload a grey-scale MRI slice of the head, the right way up.",
         )
         self.verdict = verdict
 

@@ -186,8 +186,9 @@ def test_the_guard_refuses_beyond_the_distance_bound_and_says_why():
     verdicts = guard.assess_many([*inputs, bright], [None] * 5, None)
     assert [v.refused for v in verdicts] == [False] * 4 + [True]
     assert verdicts[-1].reasons == ("brain_distance",)
-    assert "unlike every brain MRI slice the guard network learnt from" in str(
-        ood.NotBrainMRI(verdicts[-1]))
+    message = str(ood.NotBrainMRI(verdicts[-1]))
+    assert "unlike every brain MRI slice the guard network learnt from" in message
+    assert "the right way up" in message  # turned slices are refused too: say how to send one
 
 
 def test_gaussian_distance_is_the_squared_mahalanobis_distance_per_dimension():
