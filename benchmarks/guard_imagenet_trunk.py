@@ -99,18 +99,19 @@ def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray
             for name, kept in sorted(sets.items())}
 
 
-_CLUSTERS: dict[tuple[int, int], np.ndarray] = {}
+_CENTRES: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _clusters(pos: np.ndarray, count: int) -> np.ndarray:
-    """The positives' k-means clusters (`guard_trunk.cluster_positives`), once per set of them:
-    every category fold keeps all positives."""
+def _centres(pos: np.ndarray, count: int) -> np.ndarray:
+    """The positives' k-means cluster centres (`guard_trunk.cluster_positives`), once per set
+    of them: every category fold keeps all positives."""
     key = (len(pos), count)
-    if key not in _CLUSTERS:
+    if key not in _CENTRES:
+        from brainmri.inference import ood
         from brainmri.training import guard_trunk
 
-        _CLUSTERS[key] = guard_trunk.cluster_positives(pos, count)
-    return _CLUSTERS[key]
+        _CENTRES[key] = ood.cluster_means(pos, guard_trunk.cluster_positives(pos, count))
+    return _CENTRES[key]
 
 
 class Fold:
@@ -122,8 +123,7 @@ class Fold:
         from brainmri.training import guard_trunk
 
         self.head = guard_trunk.fit_head(pos, pos_groups, neg, neg_groups, c)
-        self.distance = (guard_trunk.prototypes_of(self.head, pos,
-                                                   _clusters(pos, prototypes))
+        self.distance = (guard_trunk.prototypes_of(self.head, _centres(pos, prototypes))
                          if prototypes else guard_trunk.distance_of(self.head, pos, shrinkage))
         self.val_logit, self.val_distance = self._scores(val)
 

@@ -43,6 +43,7 @@ __all__ = [
     "OODGuard",
     "Verdict",
     "choose_margin",
+    "cluster_means",
     "descriptor",
     "fit_exposure",
     "fit_gaussian",
@@ -447,6 +448,15 @@ def fit_prototypes(rows: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     rows = np.asarray(rows, np.float64)
     count = min(count, len(rows))
     return MiniBatchKMeans(count, random_state=seed, n_init=3, batch_size=2048).fit_predict(rows)
+
+
+def cluster_means(rows: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """(K, dims) mean of the rows of each cluster, in the order of the sorted cluster labels."""
+    rows = np.asarray(rows, np.float64)
+    _, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(counts), rows.shape[1]))
+    np.add.at(sums, inverse, rows)
+    return sums / counts[:, None]
 
 
 def prototype_distance(rows: np.ndarray, prototypes: np.ndarray,

@@ -184,7 +184,7 @@ class GuardData:
     # Which val slices are sagittal or coronal reformats (`reformats.py`); None: none are.
     val_reformatted: np.ndarray | None = None
     # Trunk features of positives, negatives and val, computed once (`trunk_features_of`), and
-    # the positives' k-means clusters, once per set of positives (`_clusters`).
+    # the positives' k-means centres, once per set of positives (`_prototype_centres`).
     features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -312,8 +312,7 @@ def fit_distance(net: guardnet.GuardNet, positives: np.ndarray, val: np.ndarray,
     _, features = net.measure(positives)
     if config.prototypes:
         clusters = ood.fit_prototypes(features, config.prototypes, config.seed)
-        net.embedding = guardnet.PrototypeFit(np.stack(
-            [features[clusters == label].mean(axis=0) for label in np.unique(clusters)]))
+        net.embedding = guardnet.PrototypeFit(ood.cluster_means(features, clusters))
     else:
         net.embedding = guardnet.GaussianFit(*ood.fit_gaussian(features,
                                                                 config.distance_shrinkage))
@@ -390,8 +389,7 @@ def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trai
                                 features["negatives"][keep_neg], data.categories[keep_neg],
                                 config.head_c)
     if config.prototypes:
-        embedding = guard_trunk.prototypes_of(head, features["positives"][keep_pos],
-                                              _clusters(data, keep_pos, config))
+        embedding = guard_trunk.prototypes_of(head, _prototype_centres(data, keep_pos, config))
     else:
         embedding = guard_trunk.distance_of(head, features["positives"][keep_pos],
                                             config.distance_shrinkage)
@@ -414,13 +412,15 @@ def _fit_trunk(data: GuardData, keep_neg: np.ndarray, keep_pos: np.ndarray, trai
                        logit_margin)
 
 
-def _clusters(data: GuardData, keep_pos: np.ndarray, config: GuardConfig) -> np.ndarray:
-    """The kept positives' k-means clusters, found once per set of positives (every category
-    and source fold keeps all of them; only the collection folds differ)."""
-    key = "clusters " + hashlib.sha256(np.packbits(keep_pos).tobytes()).hexdigest()
+def _prototype_centres(data: GuardData, keep_pos: np.ndarray, config: GuardConfig) -> np.ndarray:
+    """The kept positives' k-means cluster centres in trunk features, found once per set of
+    positives (every category and source fold keeps all of them; only the collection folds
+    differ)."""
+    key = "prototype centres " + hashlib.sha256(np.packbits(keep_pos).tobytes()).hexdigest()
     if key not in data.features:
-        data.features[key] = guard_trunk.cluster_positives(
-            data.features["positives"][keep_pos], config.prototypes, config.seed)
+        kept = data.features["positives"][keep_pos]
+        data.features[key] = ood.cluster_means(
+            kept, guard_trunk.cluster_positives(kept, config.prototypes, config.seed))
     return data.features[key]
 
 

@@ -128,11 +128,8 @@ def cluster_positives(positives: np.ndarray, count: int, seed: int = 0) -> np.nd
     return ood.fit_prototypes((positives - positives.mean(axis=0)) / scale, count, seed)
 
 
-def prototypes_of(head: TrunkHead, positives: np.ndarray,
-                  clusters: np.ndarray) -> guardnet.PrototypeFit:
-    """"brain_distance" to the nearest cluster centre of `positives` in the head's standardised
-    features (the mean of a cluster standardised is the standardised mean: one fold's head
-    reuses clusters found once)."""
-    labels = np.unique(clusters)
-    centres = np.stack([positives[clusters == label].mean(axis=0) for label in labels])
+def prototypes_of(head: TrunkHead, centres: np.ndarray) -> guardnet.PrototypeFit:
+    """"brain_distance" to the nearest of the positives' cluster centres (`ood.cluster_means`
+    of their trunk features), in the head's standardised features: the mean of a cluster
+    standardised is the standardised mean, so one fold's head reuses centres found once."""
     return guardnet.PrototypeFit(head.standardise(centres))

@@ -211,6 +211,12 @@ def test_prototype_distance_is_the_squared_distance_to_the_nearest_prototype_per
     assert got[-1] == pytest.approx(0.0, abs=1e-12)  # a prototype itself is at distance 0
 
 
+def test_cluster_means_follow_the_sorted_labels_whatever_they_are():
+    rows = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [0.0, 8.0]])
+    means = ood.cluster_means(rows, np.array([7, 2, 7, 2]))
+    np.testing.assert_allclose(means, [[1.5, 5.0], [3.0, 2.0]])  # label 2, then label 7
+
+
 def test_prototypes_are_near_every_look_of_the_positives_where_one_gaussian_is_not():
     """Two tight clouds: a point between them is far from both centres, though the Gaussian
     fitted on both clouds puts it at their mean, as close as anything gets."""
@@ -257,7 +263,7 @@ def test_the_trunks_prototypes_are_its_clusters_means_in_each_heads_standardised
     clusters = guard_trunk.cluster_positives(positives, 2)
     for kept in (negatives, negatives[:10]):
         head = guard_trunk.fit_head(positives, np.zeros(120), kept, np.zeros(len(kept)), 1.0)
-        fit = guard_trunk.prototypes_of(head, positives, clusters)
+        fit = guard_trunk.prototypes_of(head, ood.cluster_means(positives, clusters))
         z = head.standardise(positives)
         want = np.stack([z[clusters == k].mean(0) for k in np.unique(clusters)])
         np.testing.assert_allclose(fit.prototypes, want, atol=1e-9)
