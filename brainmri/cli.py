@@ -364,11 +364,8 @@ def train_guard_command(ctx: click.Context, data: tuple[Path, ...], ood_data: Pa
     from .training import trust
 
     manifest_path = splits_path or splits.splits_path_for(_model_or_default(None))
-    # The CNN recipe bounded its logit at the bare validation tail (GuardConfig.margin) and
-    # measured its distance to one Gaussian (GuardConfig.prototypes).
     config = (guard_training.GuardConfig() if network == "trunk"
-              else guard_training.GuardConfig(network="cnn", epochs=epochs, margin=0.0,
-                                              source_folds=False, prototypes=0))
+              else guard_training.GuardConfig.cnn(epochs=epochs))
     bar, update = _with_cache_progress(data, "Loading images")
     with bar:
         prepared = guard_training.assemble(list(data), json.loads(manifest_path.read_text()),

@@ -469,10 +469,9 @@ def test_the_cnn_recipe_still_fits_bounds_and_serves(tmp_path):
     """`train-guard --network cnn` goes through the same fit and files as the trunk."""
     heads = np.stack([load_scan(encode(synthetic_slice(160, s)), 128) for s in range(2)])
     data = _synthetic_guard_data(train=16, val=8, per_category=4)
-    config = guard_training.GuardConfig(network="cnn", epochs=1, epoch_images=64, width=4,
-                                        margin=0.0, source_folds=False)
+    config = guard_training.GuardConfig.cnn(epochs=1, epoch_images=64, width=4)
     block = guard_training.fit(data, tmp_path / "guard.h5", config)
     assert block["network"] == "small CNN trained from scratch" and block["bound_margin"] == 0.0
     net = guardnet.GuardNet.load(tmp_path / "guard.h5", onnx_sha256=block["onnx_sha256"])
-    assert net.embedding is not None and net.engine == "onnx"
+    assert isinstance(net.embedding, guardnet.GaussianFit) and net.engine == "onnx"
     assert set(net.scores(heads[:2])) == {"brain_likeness", "brain_distance"}
