@@ -1,0 +1,103 @@
+"""Is the share of clipped-white pixels a head-CT cue the guard could use? (Measured: no.)
+
+    uv run python benchmarks/guard_saturation.py                 # ../shared/data
+    uv run python benchmarks/guard_saturation.py --data-root DIR --tail 0.0025 --margin 0.5
+
+Head CT is the kind of image the guard lets through most (README -> Trust). A CT exported in a
+brain window clips bone to white, so a large share of the head sits at the file's maximum; an
+MRI export is scaled to its brightest pixel, so almost none does. This measures that share on
+each file's decoded pixels (before preprocessing, which stretches every slice's top 0.5 % to
+white) and bounds it one-class, like the guard's other cheap checks (`ood._bound` on the
+validation slices of both collections: the `--tail` quantile, widened by `--margin` times its
+distance to the median). It prints the share of every `ood_train/` category past the bound and
+the brain slices of the held-out sets (SARTAJ test, the official Testing folder, LGG's test
+patients; audited CT apart) that it would refuse, by name.
+
+What it showed on 2026-12-04 (`--tail 0.0025 --margin 0.5`, the cheap checks' own): the bound
+is 0.056 (validation median 0, 99.5th percentile 0.020). Past it lie 91 % of real head CT, but
+also 12 of 358 official Testing slices and 7 of 390 SARTAJ test slices: post-contrast T1
+teaching slices whose scalp fat, marrow or enhancing tumour was exported clipped. Only a bound
+read off those test slices (`--bound 0.19`, above the worst, 0.188) refuses none of them, and it
+keeps half the head CT (51 %); no bound set on validation alone would choose it. As a learnt
+input to the guard's head (scratch runs on the `guard_imagenet_trunk.py` folds) it raised
+held-out head CT from 65 % to 75-86 % and official Testing refusals from 3 to 3-5 of 358; with
+windowed (clipped) copies of training slices among the positives, so that clipping alone is not
+read as CT, head CT fell back to 69 %. It was therefore not shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def saturated_share(data: bytes) -> float:
+    """Share of a file's non-background pixels (above 5 % of its maximum) within 2 % of it."""
+    from brainmri.imaging.decode import decode_image
+
+    grey = np.asarray(decode_image(data), np.float32)
+    head = grey[grey > grey.max() * 0.05]
+    return float((head >= grey.max() * 0.98).mean()) if head.size else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--splits", type=Path, default=ROOT / "model" / "brainmri_cnn.splits.json")
+    parser.add_argument("--tail", type=float, default=0.0025, help="as the cheap checks' tail")
+    parser.add_argument("--margin", type=float, default=0.5, help="as the cheap checks' margin")
+    parser.add_argument("--bound", type=float, help="judge at this bound instead of the fitted one")
+    args = parser.parse_args()
+
+    from brainmri.inference import ood
+    from brainmri.training import ood_sets
+    from brainmri.training.splits import manifest_splits
+    from brainmri.training.trust import listed_not_mri
+
+    splits = manifest_splits(json.loads(args.splits.read_text()))
+    not_mri = listed_not_mri()
+
+    def shares(paths: list[str]) -> np.ndarray:
+        return np.array([saturated_share((args.data_root / p).read_bytes()) for p in paths])
+
+    val = shares([p for p in splits["val"] if p not in not_mri])
+    _, bound = ood._bound(val, "high", args.tail, args.margin)
+    bound = bound if args.bound is None else args.bound
+    print(f"bound {bound:.3f} (validation: {len(val)} slices, median {np.median(val):.3f}, "
+          f"99.5th percentile {np.percentile(val, 99.5):.3f})\n")
+    by_category: dict[str, list[float]] = {}
+    for negative in ood_sets.real_negatives(args.data_root / "ood_train"):
+        try:
+            by_category.setdefault(negative.category, []).append(
+                saturated_share(negative.path.read_bytes()))
+        except Exception:  # noqa: BLE001 - refused by the decoder before any guard
+            continue
+    for category, values in sorted(by_category.items()):
+        values = np.array(values)
+        print(f"  {category:>38}: {(values > bound).mean():.3f} past the bound "
+              f"({len(values)}, median {np.median(values):.3f})")
+    print()
+    for split in ("test", "official_test"):
+        for collection in ("sartaj", "lgg"):
+            paths = [p for p in splits.get(split, []) if p.startswith(collection + "/")]
+            kept = [p for p in paths if p not in not_mri]
+            if not kept:
+                continue
+            values = shares(kept)
+            refused = [p for p, v in zip(kept, values) if v > bound]
+            audited = shares([p for p in paths if p in not_mri])
+            print(f"  {collection}/{split}: {len(refused)}/{len(kept)} brain slices refused "
+                  f"{refused[:5]}" + (f"; audited head CT {int((audited > bound).sum())}/"
+                                      f"{len(audited)}" if len(audited) else ""))
+
+
+if __name__ == "__main__":
+    main()
