@@ -74,14 +74,13 @@ def reformat_inputs(lgg_root: Path, splits: dict, split: str) -> np.ndarray:
     return guardnet.shrink(_to_u8(np.stack(scans)), guardnet.GUARD_SIDE)
 
 
-def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray]:
-    """Guard inputs of the held-out brain sets false refusals are judged on (README -> Trust),
-    less what is set apart there: slices an audit found to be CT, and almost-black files."""
+def held_out_brain_sets(data_root: Path, splits: dict):
+    """The dataset (128 px) and, per held-out brain set false refusals are judged on (README ->
+    Trust), the indices of its slices, less what is set apart there: slices an audit found to be
+    CT, and almost-black files."""
     from brainmri.imaging import read_scan
-    from brainmri.inference import guardnet
     from brainmri.inference import ood
     from brainmri.training.dataset import load_datasets
-    from brainmri.training.guard_training import _to_u8
     from brainmri.training.trust import _split_indices
     from brainmri.training.trust import listed_not_mri
 
@@ -95,8 +94,17 @@ def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray
             peak = read_scan(data.file(i).read_bytes(), 128).peak_brightness
             if data.paths[i] not in not_mri and (peak is None or peak >= ood.PEAK_FLOOR):
                 sets.setdefault(f"{data.collections[i]}/{split}", []).append(i)
-    return {name: guardnet.shrink(_to_u8(data.images[np.array(kept)]), guardnet.GUARD_SIDE)
-            for name, kept in sorted(sets.items())}
+    return data, {name: np.array(kept) for name, kept in sorted(sets.items())}
+
+
+def held_out_brain_inputs(data_root: Path, splits: dict) -> dict[str, np.ndarray]:
+    """Guard inputs of the held-out brain sets (`held_out_brain_sets`)."""
+    from brainmri.inference import guardnet
+    from brainmri.training.guard_training import _to_u8
+
+    data, sets = held_out_brain_sets(data_root, splits)
+    return {name: guardnet.shrink(_to_u8(data.images[kept]), guardnet.GUARD_SIDE)
+            for name, kept in sets.items()}
 
 
 _CENTRES: dict[tuple[int, int], np.ndarray] = {}

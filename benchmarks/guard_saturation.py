@@ -11,10 +11,11 @@ white) and bounds it one-class, like the guard's other cheap checks (`ood._bound
 validation slices of both collections: the `--tail` quantile, widened by `--margin` times its
 distance to the median). It prints the share of every `ood_train/` category past the bound and
 the brain slices of the held-out sets (SARTAJ test, the official Testing folder, LGG's test
-patients; audited CT apart) that it would refuse, by name.
+patients; audited CT and almost-black files apart, as `guard_imagenet_trunk.held_out_brain_sets`
+selects them) that it would refuse, by name.
 
 What it showed on 2026-12-04 (`--tail 0.0025 --margin 0.5`, the cheap checks' own): the bound
-is 0.056 (validation median 0, 99.5th percentile 0.020). Past it lie 91 % of real head CT, but
+is 0.057 (validation median 0, 99.5th percentile 0.020). Past it lie 91 % of real head CT, but
 also 12 of 358 official Testing slices and 7 of 390 SARTAJ test slices: post-contrast T1
 teaching slices whose scalp fat, marrow or enhancing tumour was exported clipped. Only a bound
 read off those test slices (`--bound 0.19`, above the worst, 0.188) refuses none of them, and it
@@ -59,16 +60,20 @@ def main() -> None:
 
     from brainmri.inference import ood
     from brainmri.training import ood_sets
-    from brainmri.training.splits import manifest_splits
+    from brainmri.training.trust import _split_indices
     from brainmri.training.trust import listed_not_mri
 
-    splits = manifest_splits(json.loads(args.splits.read_text()))
-    not_mri = listed_not_mri()
+    from benchmarks.guard_imagenet_trunk import held_out_brain_sets
 
-    def shares(paths: list[str]) -> np.ndarray:
-        return np.array([saturated_share((args.data_root / p).read_bytes()) for p in paths])
+    # The same slices the guard network's bounds and false-refusal figures are measured on.
+    manifest = json.loads(args.splits.read_text())
+    data, brain_sets = held_out_brain_sets(args.data_root, manifest)
+    splits = _split_indices(data, manifest)  # blank slices apart, as the guard's bounds
 
-    val = shares([p for p in splits["val"] if p not in not_mri])
+    def shares(indices) -> np.ndarray:
+        return np.array([saturated_share(data.file(i).read_bytes()) for i in indices])
+
+    val = shares(splits["val"])
     _, bound = ood._bound(val, "high", args.tail, args.margin)
     bound = bound if args.bound is None else args.bound
     print(f"bound {bound:.3f} (validation: {len(val)} slices, median {np.median(val):.3f}, "
@@ -85,19 +90,13 @@ def main() -> None:
         print(f"  {category:>38}: {(values > bound).mean():.3f} past the bound "
               f"({len(values)}, median {np.median(values):.3f})")
     print()
-    for split in ("test", "official_test"):
-        for collection in ("sartaj", "lgg"):
-            paths = [p for p in splits.get(split, []) if p.startswith(collection + "/")]
-            kept = [p for p in paths if p not in not_mri]
-            if not kept:
-                continue
-            values = shares(kept)
-            refused = [p for p, v in zip(kept, values) if v > bound]
-            audited = shares([p for p in paths if p in not_mri])
-            print(f"  {collection}/{split}: {len(refused)}/{len(kept)} brain slices refused "
-                  f"{refused[:5]}" + (f"; audited head CT {int((audited > bound).sum())}/"
-                                      f"{len(audited)}" if len(audited) else ""))
-
+    for name, kept in brain_sets.items():
+        refused = [data.paths[i] for i, v in zip(kept, shares(kept)) if v > bound]
+        print(f"  {name}: {len(refused)}/{len(kept)} brain slices refused {refused[:5]}")
+    not_mri = listed_not_mri()
+    audited = shares([i for i in splits["official_test"] if data.paths[i] in not_mri])
+    print(f"  audited head CT in the official Testing folder: {int((audited > bound).sum())}/"
+          f"{len(audited)} past the bound")
 
 if __name__ == "__main__":
     main()
