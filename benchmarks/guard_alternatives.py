@@ -29,8 +29,8 @@ Each prints the share of every real category refused by a guard fitted without i
 slices of the held-out sets refused by the guard fitted on everything (SARTAJ test, the official
 Testing folder, LGG's test patients, the sagittal and coronal reformats of LGG's test patients;
 audited CT and almost-black files apart), and, for a brain collection left out, the share of its
-validation slices refused. About 18 minutes on the two cores (assembling the data and the
-trunk's features are 7 of them).
+validation slices refused. About 12 minutes on the two cores (assembling the data and the
+trunk's features are 7 of them; each fold is fitted once and shared by every rule).
 
 What it showed on 2026-12-05 (network alone). The baseline reproduced `train-guard`'s folds to
 the image: 926/1010 = 91.7 % of held-out categories, official Testing 3/358, LGG test 7/1628,
@@ -53,6 +53,7 @@ SARTAJ test 0/390, reformats 0/480; SARTAJ out 7.2 %, LGG out 11.1 %.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -147,7 +148,8 @@ class PositionalPrototypes:
 
 
 class Folds:
-    """The guard's data and trunk features, and its category-out and collection-out folds."""
+    """The guard's data and trunk features, and its folds (`guard_imagenet_trunk.Fold`, fitted
+    as `train-guard` fits them), fitted once and shared by every rule judged on them."""
 
     def __init__(self, data_root: Path, splits_path: Path):
         from benchmarks import guard_imagenet_trunk as trunk_benchmark
@@ -163,97 +165,99 @@ class Folds:
         features = guard_training.trunk_features_of(self.data)
         self.pos, self.neg, self.val = (features[k] for k in ("positives", "negatives", "val"))
         self.brain = {name: trunk_benchmark.trunk_features(x) for name, x in self.inputs.items()}
-        self._centres: dict[int, np.ndarray] = {}
+        self._fitted = None
 
     def add_negatives(self, features: np.ndarray, category: str, sources: np.ndarray) -> None:
-        """More synthetic negatives (no name: they are never judged as held-out images)."""
+        """More synthetic negatives (no name: they are never judged as held-out images); the
+        folds are fitted again when next asked for."""
         d = self.data
         self.neg = np.concatenate([self.neg, features])
         d.categories = np.r_[d.categories, np.full(len(features), category)]
         d.sources = np.r_[d.sources, sources]
         d.names = np.r_[d.names, np.full(len(features), "")]
+        self._fitted = None
 
-    def fit(self, keep_pos: np.ndarray, keep_neg: np.ndarray, keep_val: np.ndarray):
-        """Head and prototype distance as `train-guard` fits them; returns (scores, val scores),
-        scores(features) -> (logits, distances)."""
-        from brainmri.inference import ood
-        from brainmri.training import guard_trunk
+    def _fit(self, keep_pos: np.ndarray, keep_neg: np.ndarray, keep_val: np.ndarray):
+        from benchmarks import guard_imagenet_trunk as trunk_benchmark
 
         d = self.data
-        head = guard_trunk.fit_head(self.pos[keep_pos], d.collections[keep_pos],
-                                    self.neg[keep_neg], d.categories[keep_neg], 0.03)
-        key = int(keep_pos.sum())
-        if key not in self._centres:
-            positives = self.pos[keep_pos]
-            self._centres[key] = ood.cluster_means(
-                positives, guard_trunk.cluster_positives(positives, 1024))
-        distance = guard_trunk.prototypes_of(head, self._centres[key])
+        return trunk_benchmark.Fold(self.pos[keep_pos], d.collections[keep_pos],
+                                    self.neg[keep_neg], d.categories[keep_neg],
+                                    self.val[keep_val], c=0.03, shrinkage=0.3, prototypes=1024)
 
-        def scores(rows):
-            return head.logits(rows), distance.distance(head.standardise(rows))
+    def fitted(self):
+        """(category folds, the fold on everything, collection folds): each category fold is
+        (category, its real images' features, fold fitted without it); each collection fold is
+        (collection, its native validation slices' features, fold fitted without it)."""
+        if self._fitted is None:
+            from brainmri.training import ood_sets
 
-        return scores, scores(self.val[keep_val])
-
-    def category_folds(self):
-        """(category, its real images' features, fitted fold) for each real category."""
-        d = self.data
-        everything = np.ones(len(self.pos), bool), np.ones(len(self.val), bool)
-        for category in sorted(set(d.categories[d.real].tolist())):
-            yield category, self.neg[d.categories == category], self.fit(
-                everything[0], d.categories != category, everything[1])
-
-    def collection_folds(self):
-        """(collection, its native validation slices' features, fold fitted without it)."""
-        from brainmri.training import ood_sets
-
-        d = self.data
-        for collection in sorted(set(d.collections.tolist())):
-            fold = self.fit(d.collections != collection,
-                            d.sources != ood_sets.made_from_slices(collection),
-                            d.val_collections != collection)
-            yield collection, self.val[(d.val_collections == collection) & d.val_native], fold
+            d = self.data
+            all_pos, all_val = np.ones(len(self.pos), bool), np.ones(len(self.val), bool)
+            categories = [(c, self.neg[d.categories == c],
+                           self._fit(all_pos, d.categories != c, all_val))
+                          for c in sorted(set(d.categories[d.real].tolist()))]
+            everything = self._fit(all_pos, np.ones(len(self.neg), bool), all_val)
+            collections = [(c, self.val[(d.val_collections == c) & d.val_native],
+                            self._fit(d.collections != c,
+                                      d.sources != ood_sets.made_from_slices(c),
+                                      d.val_collections != c))
+                           for c in sorted(set(d.collections.tolist()))]
+            self._fitted = categories, everything, collections
+        return self._fitted
 
 
-def union_rule(val_scores):
+def union_rule(fold):
     """The shipped rule: refused below the logit's bound or above the distance's."""
-    from brainmri.inference import ood
+    return lambda rows: np.logical_or(*fold.refused(rows, WIDEN))
 
-    low, _ = ood._bound(val_scores[0], "low", TAIL, WIDEN)
-    _, high = ood._bound(val_scores[1], "high", TAIL, WIDEN)
-    return lambda logits, distances: (logits < low) | (distances > high)
+
+def joint_rule(weight: float, tail: float):
+    """`JointRule` with its spreads and bound from each fold's validation scores."""
+    def make(fold):
+        rule = JointRule(fold.val_logit, fold.val_distance, weight, tail)
+        return lambda rows: rule.refused(*fold.scores(rows))
+    return make
 
 
 def report(folds: Folds, make_rule, label: str) -> None:
-    """Print the category-out, brain-set and collection-out figures of one rule."""
+    """Print the category-out, brain-set and collection-out figures of one rule;
+    make_rule(fold) -> refused(features) -> bool per row."""
+    categories, everything, collections = folds.fitted()
     total = refused = 0
     shares = []
-    for category, rows, (scores, val_scores) in folds.category_folds():
-        out = make_rule(val_scores)(*scores(rows))
+    for category, rows, fold in categories:
+        out = make_rule(fold)(rows)
         total, refused = total + len(out), refused + int(out.sum())
         shares.append(f"{category} {out.mean():.2f}")
-    everything = folds.fit(np.ones(len(folds.pos), bool), np.ones(len(folds.neg), bool),
-                           np.ones(len(folds.val), bool))
-    rule = make_rule(everything[1])
-    brain = [f"{name} {int(rule(*everything[0](x)).sum())}/{len(x)}"
-             for name, x in folds.brain.items()]
-    left_out = [f"{collection} out {make_rule(val_scores)(*scores(rows)).mean():.3f}"
-                for collection, rows, (scores, val_scores) in folds.collection_folds()]
+    rule = make_rule(everything)
+    brain = [f"{name} {int(rule(x).sum())}/{len(x)}" for name, x in folds.brain.items()]
+    left_out = [f"{collection} out {make_rule(fold)(rows).mean():.3f}"
+                for collection, rows, fold in collections]
     print(f"{label}: held-out categories {refused}/{total} = {refused / total:.3f}\n"
           f"    {' | '.join(shares)}\n    brain slices refused: {' ; '.join(brain)}\n"
           f"    a brain collection left out, its validation slices refused: "
           f"{' ; '.join(left_out)}", flush=True)
 
 
-def spatial_maps(images: np.ndarray) -> np.ndarray:
-    """The shipped trunk's block-10 output (N, 4, 4, 112) of uint8 64-px guard inputs."""
+@functools.cache
+def _spatial_model(side: int):
+    """The shipped trunk up to block 10, built once: every set below runs through it."""
     import keras
     import tensorflow as tf
 
     from brainmri.training import lite0
 
-    base = lite0.build_classifier(size=images.shape[1], weights="imagenet-lite0")
+    base = lite0.build_classifier(size=side, weights="imagenet-lite0")
     model = keras.Model(base.input, base.get_layer(f"block{SPATIAL_BLOCK}_add").output)
-    run = tf.function(lambda x: model(x, training=False), autograph=False)
+    return tf.function(lambda x: model(x, training=False), autograph=False)
+
+
+def spatial_maps(images: np.ndarray) -> np.ndarray:
+    """The shipped trunk's block-10 output (N, 4, 4, 112) of uint8 64-px guard inputs."""
+    import tensorflow as tf
+
+    run = _spatial_model(images.shape[1])
     return np.concatenate([np.asarray(run(tf.constant(images[i:i + 256], tf.float32) / 255.0))
                            for i in range(0, len(images), 256)])
 
@@ -302,22 +306,20 @@ def main() -> None:
     if "joint" in args.only:
         for weight in args.joint_weights:
             for tail in (0.005, 0.0075, 0.01):
-                report(folds, lambda val, w=weight, t=tail: JointRule(*val, w, t).refused,
+                report(folds, joint_rule(weight, tail),
                        f"joint, distance weight {weight}, tail {tail}")
     if "patches" in args.only:
         patches(folds, args.patch_prototypes)
     if "shuffled" in args.only:  # last: it adds negatives to every later fold
         from benchmarks import guard_imagenet_trunk as trunk_benchmark
+        from brainmri.training import ood_sets
 
         d = folds.data
         # `assemble` puts the training split's own slices first, then the zoomed-in copies and
         # reformats (fewer than half of the positives), so the first half are all originals.
         picked = np.linspace(0, len(d.positives) // 2 - 1, args.shuffled).astype(int)
-        from brainmri.training import ood_sets
-
         rng = np.random.default_rng(7)
         made = np.stack([shuffle_tiles(d.positives[i, :, :, 0], rng) for i in picked])[..., None]
-
         folds.add_negatives(trunk_benchmark.trunk_features(made), "exposure_shuffled",
                             np.array([ood_sets.made_from_slices(c) for c in d.collections[picked]]))
         report(folds, union_rule, f"shuffled ({args.shuffled} tile-shuffled training slices)")

@@ -124,7 +124,7 @@ def _centres(pos: np.ndarray, count: int) -> np.ndarray:
 
 class Fold:
     """Head and distance fitted on the kept rows (`guard_trunk.fit_head`, as train-guard does);
-    `refused(rows, widen)` -> (logit, distance)."""
+    `scores(rows)` -> (logits, distances), `refused(rows, widen)` -> (by logit, by distance)."""
 
     def __init__(self, pos, pos_groups, neg, neg_groups, val, c: float, shrinkage: float,
                  prototypes: int):
@@ -133,9 +133,10 @@ class Fold:
         self.head = guard_trunk.fit_head(pos, pos_groups, neg, neg_groups, c)
         self.distance = (guard_trunk.prototypes_of(self.head, _centres(pos, prototypes))
                          if prototypes else guard_trunk.distance_of(self.head, pos, shrinkage))
-        self.val_logit, self.val_distance = self._scores(val)
+        self.val_logit, self.val_distance = self.scores(val)
 
-    def _scores(self, rows):
+    def scores(self, rows):
+        """(logits, distances) of feature rows."""
         return self.head.logits(rows), self.distance.distance(self.head.standardise(rows))
 
     def refused(self, rows, widen: float) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +144,7 @@ class Fold:
         (`ood._bound`, as the shipped guard's bounds)."""
         from brainmri.inference import ood
 
-        logit, distance = self._scores(rows)
+        logit, distance = self.scores(rows)
         low, _ = ood._bound(self.val_logit, "low", TAIL, widen)
         _, high = ood._bound(self.val_distance, "high", TAIL, widen)
         return logit < low, distance > high
