@@ -265,7 +265,7 @@ def fit_exposure(positives: np.ndarray, negatives: np.ndarray, C: float = 1.0,  
         positives: `Exposure.inputs` rows of in-distribution images (the training split).
         negatives: the same for images that must be refused.
         C: scikit-learn's inverse penalty on the standardised weights. 1.0 refused more of the
-            held-out real categories than 0.1 or 0.017 (`benchmarks/guard_features.py` and
+            held-out real categories than 0.1 or 0.017 (`experiments/guard_features.py` and
             the calibrate report), at the same false refusals on test slices.
         negative_weights: relative weight of each negative (e.g. equal per category); the
             negatives together always weigh as much as the positives.

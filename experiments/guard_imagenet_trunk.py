@@ -1,7 +1,7 @@
 """Trunk and bound settings of the guard network, on the folds it is judged by.
 
-    uv run python benchmarks/guard_imagenet_trunk.py                   # ../shared/data
-    uv run python benchmarks/guard_imagenet_trunk.py --data-root DIR --widen 0 0.25 0.5
+    uv run python experiments/guard_imagenet_trunk.py                   # ../shared/data
+    uv run python experiments/guard_imagenet_trunk.py --data-root DIR --widen 0 0.25 0.5
 
 The experiment that chose the shipped recipe (`brainmri/training/guard_trunk.py`, README →
 Trust), kept to compare settings in a minute without retraining. EfficientNet-Lite0's ImageNet layers

@@ -1,4 +1,4 @@
-"""benchmarks/guard_alternatives.py's three rules, on drawn numbers: the tile shuffle moves
+"""experiments/guard_alternatives.py's three rules, on drawn numbers: the tile shuffle moves
 tiles without changing them, the joint rule refuses what is borderline on both scores, and the
 positional prototypes score a training map zero and a map moved to another position higher."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import guard_alternatives
+from experiments import guard_alternatives
 
 
 def _tiles_up_to_turns(image: np.ndarray, grid: int) -> list[bytes]:

@@ -1,7 +1,7 @@
 """Three more ways to refuse kinds the guard never saw, on its own folds (measured: none helps).
 
-    uv run python benchmarks/guard_alternatives.py                     # ../shared/data, all three
-    uv run python benchmarks/guard_alternatives.py --only joint --data-root DIR
+    uv run python experiments/guard_alternatives.py                     # ../shared/data, all three
+    uv run python experiments/guard_alternatives.py --only joint --data-root DIR
 
 The shipped guard (`brainmri/training/guard_trunk.py`) refuses an upload when its logit falls
 below the 0.5 % validation tail, or its distance to the nearest brain prototype rises above it
@@ -152,7 +152,7 @@ class Folds:
     as `train-guard` fits them), fitted once and shared by every rule judged on them."""
 
     def __init__(self, data_root: Path, splits_path: Path):
-        from benchmarks import guard_imagenet_trunk as trunk_benchmark
+        from experiments import guard_imagenet_trunk as trunk_benchmark
         from brainmri.training import guard_training
 
         splits = json.loads(splits_path.read_text())
@@ -178,7 +178,7 @@ class Folds:
         self._fitted = None
 
     def _fit(self, keep_pos: np.ndarray, keep_neg: np.ndarray, keep_val: np.ndarray):
-        from benchmarks import guard_imagenet_trunk as trunk_benchmark
+        from experiments import guard_imagenet_trunk as trunk_benchmark
 
         d = self.data
         return trunk_benchmark.Fold(self.pos[keep_pos], d.collections[keep_pos],
@@ -311,7 +311,7 @@ def main() -> None:
     if "patches" in args.only:
         patches(folds, args.patch_prototypes)
     if "shuffled" in args.only:  # last: it adds negatives to every later fold
-        from benchmarks import guard_imagenet_trunk as trunk_benchmark
+        from experiments import guard_imagenet_trunk as trunk_benchmark
         from brainmri.training import ood_sets
 
         d = folds.data

@@ -1,7 +1,7 @@
 """Is the share of clipped-white pixels a head-CT cue the guard could use? (Measured: no.)
 
-    uv run python benchmarks/guard_saturation.py                 # ../shared/data
-    uv run python benchmarks/guard_saturation.py --data-root DIR --tail 0.0025 --margin 0.5
+    uv run python experiments/guard_saturation.py                 # ../shared/data
+    uv run python experiments/guard_saturation.py --data-root DIR --tail 0.0025 --margin 0.5
 
 Head CT is the kind of image the guard lets through most (README -> Trust). A CT exported in a
 brain window clips bone to white, so a large share of the head sits at the file's maximum; an
@@ -63,7 +63,7 @@ def main() -> None:
     from brainmri.training.trust import _split_indices
     from brainmri.training.trust import listed_not_mri
 
-    from benchmarks.guard_imagenet_trunk import held_out_brain_sets
+    from experiments.guard_imagenet_trunk import held_out_brain_sets
 
     # The same slices the guard network's bounds and false-refusal figures are measured on.
     manifest = json.loads(args.splits.read_text())

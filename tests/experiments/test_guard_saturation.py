@@ -1,4 +1,4 @@
-"""benchmarks/guard_saturation.py's measure, on drawn images: a clipped bone ring counts, an
+"""experiments/guard_saturation.py's measure, on drawn images: a clipped bone ring counts, an
 MRI-like slice scaled to its brightest pixel does not."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from benchmarks import guard_saturation
+from experiments import guard_saturation
 
 
 def _png(image: np.ndarray) -> bytes:

