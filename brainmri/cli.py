@@ -582,6 +582,29 @@ def audit_command(data: Path, distance: int | None, show: int, cache_dir: Path |
 
 
 
+@cli.command("docs", with_appcontext=False)
+@click.option("--check", is_flag=True,
+              help="Write nothing; list the generated files that differ and exit 1 if any do.")
+def docs_command(check: bool) -> None:
+    """Write the model cards (docs/models/) and the figures in README.md and docs/ from the
+    models' metadata and reports/*.json. Re-run after every train, calibrate or evaluate."""
+    from .training import cards
+
+    if check:
+        stale = cards.stale_files(PROJECT_ROOT)
+        for path in stale:
+            click.echo(f"stale: {path}")
+        if stale:
+            raise click.ClickException(f"{len(stale)} generated file(s) differ; run: "
+                                       f"{cards.GENERATOR_COMMAND}")
+        click.echo("Model cards and figures are up to date.")
+        return
+    written = cards.write_all(PROJECT_ROOT)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"{len(written)} file(s) changed." if written else "Nothing changed.")
+
+
 @cli.command("build-cache", with_appcontext=False)
 @click.option("--force", is_flag=True, help="Rebuild caches that are already valid.")
 def build_cache_command(force: bool) -> None:

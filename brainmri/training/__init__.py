@@ -5,6 +5,7 @@ CLI. TensorFlow, matplotlib and scikit-learn are imported inside the functions t
 """
 
 from . import architectures
+from . import cards
 from . import dataset
 from . import dedup
 from . import evaluation
@@ -45,6 +46,7 @@ __all__ = [
     "architectures",
     "build",
     "build_model",
+    "cards",
     "calibrate",
     "check_weights",
     "compare",
