@@ -33,9 +33,12 @@ __all__ = ["CARDS_DIR", "GENERATOR_COMMAND", "ModelDocs", "load_models", "render
 GENERATOR_COMMAND = "uv run brainmri docs"
 CARDS_DIR = Path("docs") / "models"
 # Files whose marked blocks `render_all` fills in (relative to the project root), besides the cards.
-BLOCK_FILES = ("README.md", "docs/index.md", "docs/models.md", "docs/trust.md")
+BLOCK_FILES = ("README.md", "docs/index.md", "docs/models.md", "docs/trust.md", "mkdocs.yml")
 _BLOCK = re.compile(r"(<!-- generated:(?P<key>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=key) -->)",
                     re.S)
+# The same in mkdocs.yml's nav, as YAML comments: `# generated:KEY ...` ... `# /generated:KEY`.
+_YAML_BLOCK = re.compile(r"(?P<indent>[ ]*)(# generated:(?P<key>[a-z-]+)[^\n]*\n)(?P<body>.*?)"
+                         r"(?P=indent)(# /generated:(?P=key))", re.S)
 
 # Where each collection comes from (text, not figures: ../shared/data/<name>/README.md has more).
 PROVENANCE = {
@@ -616,6 +619,16 @@ def _fill(text: str, generated: dict[str, str]) -> str:
     return _BLOCK.sub(replace, text)
 
 
+def _fill_yaml(text: str, models: list[ModelDocs]) -> str:
+    def replace(match: re.Match) -> str:
+        if match.group("key") != "model-cards":
+            return match.group(0)
+        indent = match.group("indent")
+        body = "".join(f"{indent}- {docs.name}: models/{docs.name}.md\n" for docs in models)
+        return indent + match.group(2) + body + indent + match.group(5)
+    return _YAML_BLOCK.sub(replace, text)
+
+
 def render_all(root: Path) -> dict[Path, str]:
     """Every generated file (relative path -> text): the cards, their index, the marked blocks."""
     models = load_models(root)
@@ -625,8 +638,12 @@ def render_all(root: Path) -> dict[Path, str]:
     for name in BLOCK_FILES:
         path = root / name
         if path.is_file():
-            prefix = "docs/" if Path(name).parent == Path(".") else ""
-            out[Path(name)] = _fill(path.read_text(encoding="utf-8"), blocks(models, prefix))
+            text = path.read_text(encoding="utf-8")
+            if name.endswith(".yml"):
+                out[Path(name)] = _fill_yaml(text, models)
+                continue
+            prefix = "docs/" if name == "README.md" else ""
+            out[Path(name)] = _fill(text, blocks(models, prefix))
     return out
 
 
