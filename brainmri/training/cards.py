@@ -601,6 +601,13 @@ def blocks(models: list[ModelDocs], link_prefix: str) -> dict[str, str]:
     figures = [f"The default model, [`{default.name}`]({card}) v{default.meta.get('version', '')}, "
                f"on images it never trained on (from `{default.report_path.as_posix() if default.report_path else 'its metadata'}`):", ""]
     figures += figures_table(default)
+    held = {key for key, _, _ in held_out_rows(default)}
+    calibration = ((default.report or {}).get("trust") or {}).get("calibration") or {}
+    flagged = [f"{set_label(key)} {_pct(entry.get('uncertain_rate'))} (the rest "
+               f"{_pct(entry.get('accuracy_confident'))} right)"
+               for key, entry in calibration.items() if key in held]
+    if flagged:
+        figures += ["Flagged uncertain: " + "; ".join(flagged) + ".", ""]
     figures += ["Where it is weakest:", ""] + weakest(default) + guard_weak_spots(default)[:3] + [""]
     others = [docs for docs in models if not docs.default]
     models_lines = _table(["model", "card", "report"],
