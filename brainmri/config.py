@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     # The model used when a request names none; None = the best leakage-free test accuracy
     # recorded in the metadata (inference/registry.py).
     "BRAINMRI_DEFAULT_MODEL": None,
+    # The generated model cards (`brainmri docs`): /models/<name>/card serves <name>.md from here.
+    "BRAINMRI_MODEL_CARDS_DIR": str(PROJECT_ROOT / "docs" / "models"),
     # Set to one .h5 to serve only that model (single-model deployments, tests).
     "BRAINMRI_MODEL_PATH": None,
     # Images whose header declares more pixels are refused before decoding (decompression bombs).

@@ -16,6 +16,7 @@ from .errors import UploadError
 from ..imaging import ImageError
 from .logs import log_batch
 from .models import EXTENSION_KEY
+from .models import card_url
 from .models import REGISTRY_KEY
 from ..inference import DISCLAIMER
 
@@ -138,6 +139,7 @@ def describe_model(predictor) -> dict[str, Any]:
         "leakage_free_test": evaluation.get("test"),
         "official_test": evaluation.get("official_test"),
         "ready": predictor.ready,
+        "card": card_url(predictor.card.name),
     }
 
 

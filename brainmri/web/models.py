@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flask import Flask
 from flask import current_app
+from flask import url_for
 
 from ..inference import ModelRegistry
 from ..inference import Predictor
@@ -20,8 +21,8 @@ from ..inference import default_model_path
 from ..inference import discover_models
 from .metrics import record_model_load
 
-__all__ = ["EXTENSION_KEY", "MeasuredRegistry", "REGISTRY_KEY", "get_predictor", "init_app",
-           "load_predictor"]
+__all__ = ["EXTENSION_KEY", "MeasuredRegistry", "REGISTRY_KEY", "card_url", "get_predictor",
+           "init_app", "load_predictor", "model_card_path"]
 
 # The app.extensions keys (their values predate the web/ package; tools and tests set them).
 EXTENSION_KEY = "brainmri.predictor"  # the default model's Predictor
@@ -52,6 +53,24 @@ def init_app(app: Flask) -> None:
 def get_predictor() -> Predictor:
     """The predictor of the current app (one per worker process)."""
     return current_app.extensions[EXTENSION_KEY]
+
+
+def model_card_path(name: str) -> Path | None:
+    """The generated card (`brainmri docs`) of a served model, or None: unknown name or no card."""
+    registry = current_app.extensions.get(REGISTRY_KEY)
+    served = set(registry) if registry is not None else {get_predictor().card.name}
+    folder = current_app.config.get("BRAINMRI_MODEL_CARDS_DIR")
+    if name not in served or not folder:
+        return None
+    path = Path(folder) / f"{name}.md"
+    return path if path.is_file() else None
+
+
+def card_url(name: str) -> str | None:
+    """Where the page and the API link to a served model's card; None when it has none."""
+    if model_card_path(name) is None:
+        return None
+    return url_for("pages.model_card", name=name)
 
 
 def load_predictor(predictor: Predictor) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 from flask import Blueprint
+from flask import abort
 from flask import current_app
 from flask import render_template
 from flask.typing import ResponseReturnValue
@@ -18,6 +19,8 @@ from .descriptions import CLASS_DESCRIPTIONS
 from .descriptions import CLASS_NAMES
 from .errors import size_limit_text
 from .models import REGISTRY_KEY
+from .models import card_url
+from .models import model_card_path
 from ..inference import legend_data_uri
 from ..inference import overlay_data_uri
 from ..inference import CLASSES
@@ -158,4 +161,14 @@ def predict() -> ResponseReturnValue:
         heatmap_layer=result.explanation.layer if result.explanation else None,
         input_size=result.model_input.shape[0],
         model=result.model,
+        model_card=card_url(result.model["name"]) if result.model else None,
     )
+
+
+@bp.get("/models/<name>/card")
+def model_card(name: str) -> ResponseReturnValue:
+    """A served model's card, the Markdown that `brainmri docs` generates, as plain text."""
+    path = model_card_path(name)
+    if path is None:
+        abort(404, "No model card for that model.")
+    return path.read_text(encoding="utf-8"), 200, {"Content-Type": "text/plain; charset=utf-8"}
