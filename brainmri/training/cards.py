@@ -185,7 +185,7 @@ def set_label(key: str) -> str:
     """'lgg/test' -> 'LGG held-out test'; unknown set names are kept as they are."""
     collection, _, name = key.partition("/")
     if not name:
-        return key
+        return SEQUENCES.get(key, key)
     suffix = ""
     if " (" in name:
         name, suffix = name.split(" (", 1)
@@ -226,12 +226,19 @@ def generic(value: Any, level: int = 3) -> list[str]:
             for k, entry in rowish.items():
                 for sub, subvalue in entry.items():
                     if sub not in _scalars(entry) and subvalue:
-                        lines += [f"{'#' * min(level + 1, 6)} {set_label(k)}: {_title(sub)}", ""]
-                        lines += generic(subvalue, min(level + 2, 6))
+                        lines += [f"{'#' * min(level, 6)} {set_label(k)}: {_title(sub)}", ""]
+                        lines += generic(subvalue, min(level + 1, 6))
             nested = {k: v for k, v in nested.items() if k not in rowish}
     for k, v in nested.items():
         if isinstance(v, list):
-            lines += [f"- {_title(k)}: {len(v)} entries", ""]
+            rows = [item for item in v if isinstance(item, dict)]
+            columns = list(dict.fromkeys(c for item in rows for c in _scalars(item)))
+            lines += [f"{'#' * min(level, 6)} {_title(k)}", ""]
+            if rows and columns:
+                lines += _table([_title(c) for c in columns],
+                                [[_num(_scalars(item).get(c)) for c in columns] for item in rows])
+            else:
+                lines += [f"- {_num(v)}" if len(v) <= 12 else f"- {len(v)} entries", ""]
             continue
         lines += [f"{'#' * min(level, 6)} {_title(k)}", ""]
         lines += generic(v, min(level + 1, 6))
