@@ -139,6 +139,12 @@ def load_models(root: Path) -> list[ModelDocs]:
             docs.report_path = matching[0][0].relative_to(root)
             docs.report = matching[0][1]
         docs.comparison = compared.get(name)
+        link = (meta.get("ood") or {}).get("network") or {}
+        if link.get("file"):
+            guard = _read_json(model_dir / Path(link["file"]).with_suffix(".json"))
+            if guard:
+                docs.extra["guard"] = guard
+                docs.extra["guard_path"] = (Path("model") / link["file"]).with_suffix(".json")
         models.append(docs)
     models.sort(key=lambda docs: not docs.default)
     return models
@@ -480,13 +486,15 @@ def _calibration(docs: ModelDocs) -> list[str]:
     return lines
 
 
-def _guard(docs: ModelDocs) -> list[str]:
+def _guard(docs: ModelDocs, recipe: bool = True) -> list[str]:
     trust = (docs.report or {}).get("trust") or {}
     held = _guard_held_out(docs)
     lines = ["## The input guard", "",
              "Before a class is given, the upload must look like a brain MRI slice (cheap checks "
              "plus the guard network, `model/guard/`); otherwise it is refused with a reason and no "
              "class.", ""]
+    if recipe:
+        lines += guard_recipe(docs)
     categories = held.get("categories") or {}
     if categories:
         lines += [f"**Image kinds it never saw** (leave-one-category-out on `ood_train/`): "
@@ -517,6 +525,53 @@ def _guard(docs: ModelDocs) -> list[str]:
     for key, value in trust.items():
         if key not in KNOWN_TRUST_KEYS:
             lines += [f"### {_title(key)}", ""] + generic(value, 4)
+    return lines
+
+
+def guard_recipe(docs: ModelDocs) -> list[str]:
+    """What the linked guard network is and what it was trained on, from its own JSON."""
+    guard = docs.extra.get("guard")
+    if not guard:
+        return []
+    config = guard.get("config") or {}
+    embedding = guard.get("embedding") or {}
+    negatives = guard.get("negatives") or {}
+    real = {k: v for k, v in negatives.items() if not k.startswith("exposure_")}
+    made = {k.removeprefix("exposure_"): v for k, v in negatives.items() if k.startswith("exposure_")}
+    positives = guard.get("positives") or {}
+    lines = [f"The guard network (`{docs.extra['guard_path'].as_posix()}`, sha256 "
+             f"`{str(guard.get('sha256'))[:16]}…`): {guard.get('network', 'n/a')} on a "
+             f"{guard.get('side')}-px copy of the model input; a second, one-class score is the "
+             f"distance of its {_num(embedding.get('dims'))} features to the nearest of "
+             f"{_num(embedding.get('prototypes'))} brain prototypes. "
+             f"Both bounds sit at the {_pct(config.get('tail'))} validation tail, widened until "
+             f"cross-fitted false refusals stay under {_pct(config.get('max_logit_refusal'))}.", "",
+             f"Trained by `{guard.get('command', 'n/a')}` on "
+             f"brain slices of {', '.join(f'{k} ({v:,})' for k, v in positives.items())}, against "
+             f"{sum(real.values()):,} real images of {len(real)} kinds that are not brain MRI and "
+             f"images made from training slices: {', '.join(f'{k.replace(chr(95), chr(32))} ({v:,})' for k, v in made.items())}.", ""]
+    held = guard.get("held_out") or {}
+    collections = held.get("collections") or {}
+    if collections:
+        lines += ["**A brain collection left out** (the guard refitted without it, asked about its "
+                  "validation slices): " + "; ".join(
+                      f"without {name}, {_pct(entry.get('falsely_refused'))} of its {_num(entry.get('images'))} "
+                      f"slices refused" + (f" ({_pct(entry['reformats'].get('falsely_refused'))} of its "
+                                           f"sagittal/coronal reformats)" if entry.get("reformats") else "")
+                      for name, entry in collections.items()) + ".", ""]
+    sources = held.get("sources") or {}
+    worst = []
+    for category, by_source in sorted(sources.items()):
+        rated = [(e.get("rate"), name, e.get("images")) for name, e in by_source.items()
+                 if isinstance(e, dict) and e.get("rate") is not None]
+        if len(rated) > 1:
+            rate, name, images = min(rated)
+            if rate < 0.9:
+                worst.append([category.replace("_", " "), f"`{name.rsplit('/', 1)[-1]}`", _num(images), _pct(rate)])
+    if worst:
+        lines += ["**A new source of a kind it knows** (the guard refitted without that source "
+                  "alone): the worst source of each kind under 90 %:", ""]
+        lines += _table(["kind", "source", "images", "refused"], worst)
     return lines
 
 
@@ -620,8 +675,9 @@ def blocks(models: list[ModelDocs], link_prefix: str) -> dict[str, str]:
     models_lines = _table(["model", "card", "report"],
                           [[f"`{d.name}`" + (" (default)" if d.default else ""), f"[card]({link_prefix}models/{d.name}.md)",
                             f"`{d.report_path.as_posix()}`" if d.report_path else "none"] for d in [default, *others]])
-    guard = _guard(default)[2:]
-    return {"default-figures": _tidy(figures), "models": _tidy(models_lines), "guard-figures": _tidy(guard)}
+    guard = _guard(default, recipe=False)[2:]
+    return {"default-figures": _tidy(figures), "models": _tidy(models_lines), "guard-figures": _tidy(guard),
+            "guard-recipe": _tidy(guard_recipe(default) or ["No guard network is linked."])}
 
 
 def _fill(text: str, generated: dict[str, str]) -> str:
