@@ -72,7 +72,9 @@ def register_errorhandlers(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     """The pages and the JSON API."""
     from .web import api
+    from .web import studies
     from .web import views
 
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(studies.bp)

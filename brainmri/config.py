@@ -37,6 +37,14 @@ DEFAULTS: dict[str, Any] = {
     "MAX_FORM_PARTS": 10,
     # Most files POST /api/v1/predict/batch takes in one request (all within MAX_CONTENT_LENGTH).
     "BRAINMRI_BATCH_MAX_FILES": 16,
+    # One study (POST /studies, /api/v1/studies; web/studies.py, docs/studies.md): the most
+    # slices, bytes (the body, and what a ZIP or .nii.gz inflates to) and decoded pixels (all
+    # slices together). A typical MR series, 150-300 DICOM files of 50-150 MB, fits.
+    "BRAINMRI_STUDY_MAX_SLICES": 400,
+    "BRAINMRI_STUDY_MAX_BYTES": 200 * 1024 * 1024,
+    "BRAINMRI_STUDY_MAX_PIXELS": 100_000_000,
+    # Slices the study page shows in full (image, heatmap, every class), most suspicious first.
+    "BRAINMRI_STUDY_DETAILED_SLICES": 24,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",  # set FLASK_SESSION_COOKIE_SECURE=true behind HTTPS
     # Every <name>.h5 here (with its metadata) is served; requests pick one with `model=`.

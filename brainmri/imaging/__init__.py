@@ -15,6 +15,7 @@ from .decode import peak_brightness
 from .decode import sniff_format
 from .dicom import MODALITY_NAMES
 from .dicom import decode_dicom
+from .archives import read_zip
 from .errors import ImageError
 from .preprocessing import PREPROCESSING
 from .preprocessing import PREPROCESSING_VERSION
@@ -29,6 +30,12 @@ from .preprocessing import read_scan
 from .preprocessing import resize_mask
 from .preprocessing import strip_frame
 from .preprocessing import to_uint8
+from .studies import Study
+from .studies import StudyLimits
+from .studies import StudySlice
+from .studies import read_study
+from .volumes import is_nifti
+from .volumes import read_nifti
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -40,6 +47,9 @@ __all__ = [
     "HeadCrop",
     "ImageError",
     "Scan",
+    "Study",
+    "StudyLimits",
+    "StudySlice",
     "apply_head_crop",
     "colourfulness",
     "crop_to_head",
@@ -47,11 +57,15 @@ __all__ = [
     "decode_file",
     "decode_image",
     "image_dimensions",
+    "is_nifti",
     "load_scan",
     "locate_head",
     "peak_brightness",
     "preprocess",
+    "read_nifti",
     "read_scan",
+    "read_study",
+    "read_zip",
     "resize_mask",
     "sniff_format",
     "strip_frame",

@@ -46,13 +46,22 @@ from .registry import default_model_path
 from .registry import discover_models
 from .registry import held_out_score
 from .registry import leakage_free_score
+from .study import DEFAULT_RULE
+from .study import STUDY_COLUMNS
+from .study import SliceResult
+from .study import StudyResult
+from .study import StudyRule
+from .study import screen_study
+from .study import slice_csv_row
 
 __all__ = [
     "CLASSES",
+    "DEFAULT_RULE",
     "DISCLAIMER",
     "ENGINES",
     "PREDICT_COLUMNS",
     "REFUSAL_CODES",
+    "STUDY_COLUMNS",
     "TRAIN_HINT",
     "Explanation",
     "ModelCard",
@@ -62,6 +71,9 @@ __all__ = [
     "OODGuard",
     "Outcome",
     "Prediction",
+    "SliceResult",
+    "StudyResult",
+    "StudyRule",
     "Predictor",
     "UnknownModel",
     "Verdict",
@@ -88,6 +100,8 @@ __all__ = [
     "overlay_data_uri",
     "raybatch",
     "read_model_card",
+    "screen_study",
+    "slice_csv_row",
     "uncertain_threshold",
     "write_model_card",
 ]

@@ -13,6 +13,7 @@ from . import metrics
 from . import models
 from . import ratelimit
 from . import security
+from . import studies
 from . import uploads
 from . import views
 from .models import EXTENSION_KEY
@@ -32,6 +33,7 @@ __all__ = [
     "models",
     "ratelimit",
     "security",
+    "studies",
     "uploads",
     "views",
 ]

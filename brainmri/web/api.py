@@ -11,6 +11,7 @@ from flask import jsonify
 from flask import request
 from flask.typing import ResponseReturnValue
 
+from . import studies
 from . import uploads
 from .errors import UploadError
 from ..imaging import ImageError
@@ -99,6 +100,23 @@ def predict_batch() -> ResponseReturnValue:
         results[index] = {"index": index, **item}
     log_batch(len(files), [item["error"]["code"] for item in results if "error" in item])
     return jsonify(results=results, model=predictor.card.summary, disclaimer=DISCLAIMER)
+
+
+@bp.post("/api/v1/studies")
+def studies_endpoint() -> ResponseReturnValue:
+    """Screen a study sent as repeated multipart field `files` (web/studies.py, docs/studies.md).
+
+    Every slice as a single upload, blank ones reported and not scored, and one summary with
+    the rule that made it; slices are named by position, never by filename.
+
+    :raise 400: no `files` part, a damaged archive or volume, a ZIP holding something else,
+        or `unknown_model`
+    :raise 413: over BRAINMRI_STUDY_MAX_SLICES, _BYTES or _PIXELS (the message names it)
+    :raise 415: an extension a study does not take
+    :raise 422: a DICOM set mixing series, or files of different kinds in one study
+    :raise 503: the model is not available
+    """
+    return jsonify(studies.study_json())
 
 
 def _item_error(index: int, error: UploadError | ImageError) -> dict[str, Any]:

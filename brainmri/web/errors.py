@@ -38,6 +38,12 @@ IMAGE_ERROR_STATUS = {
     "not_brain_mri": 422,  # decoded fine, but the OOD guard says it is not a brain MRI slice
     # A refusal like not_brain_mri, only certain: the DICOM header names another modality (CT, …).
     "wrong_modality": 422,
+    # Studies (web/studies.py): the whole upload is refused, its message names the limit.
+    "bad_archive": 400,
+    "mixed_series": 422,
+    "mixed_study": 422,
+    "too_many_slices": 413,
+    "study_too_large": 413,
 }
 
 # Status -> (code, title, message) for HTTP errors raised by Flask/Werkzeug themselves.
@@ -80,6 +86,11 @@ _NEXT_STEPS_BY_CODE = {
     "kinds of scan (CT, X-ray), colour images and inverted or cut-out slices are refused.",
     "multi_frame": "Export the single slice you want analysed from your viewer or PACS, then "
     "upload that file.",
+    "mixed_series": "Go back and send the files of one DICOM series at a time.",
+    "mixed_study": "Go back and send one NIfTI volume, one ZIP archive, or the slices themselves.",
+    "bad_archive": "Go back and send a ZIP that holds only the study's PNG, JPEG or DICOM slices.",
+    "too_many_slices": "Go back and send fewer slices, or split the study.",
+    "study_too_large": "Go back and send a smaller study, or split it.",
     "wrong_modality": "Go back and upload a slice from an MR series of the head. CT, X-ray, "
     "ultrasound, PET and other kinds of scan are refused.",
 }

@@ -41,6 +41,7 @@ __all__ = [
     "record_model_load",
     "record_prediction",
     "record_refusal",
+    "record_study",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -75,6 +76,23 @@ UNCERTAIN = Counter(
     "Files whose top class fell below the model's 'uncertain' threshold, by model.",
     ["model"],
 )
+STUDIES = Counter(
+    "brainmri_studies",
+    "Studies screened (POST /studies, /api/v1/studies), by model, input kind (slices, zip, "
+    "dicom_series, nifti) and summary label (tumor, no_tumor, no_answer).",
+    ["model", "kind", "label"],
+)
+STUDY_SLICES = Histogram(
+    "brainmri_study_slices",
+    "Slices per screened study (blank, refused and unreadable ones included), by model.",
+    ["model"],
+    buckets=(1, 5, 10, 25, 50, 100, 155, 200, 300, 400),
+)
+STUDY_SLICE_STATES = Counter(
+    "brainmri_study_slice_states",
+    "Slices of screened studies by state: scored, blank, refused, unreadable, by model.",
+    ["model", "state"],
+)
 # livemax: the slowest worker still alive, which is what gunicorn's `timeout` must cover; a
 # recycled worker's value goes when gunicorn reports it dead (child_exit in gunicorn.conf.py).
 MODEL_LOAD = Gauge(
@@ -105,6 +123,16 @@ def record_prediction(model: str, prediction: Prediction) -> None:
 def record_refusal(model: str, reason: str) -> None:
     """Count one readable file refused with no class (`reason` is the refusal's error code)."""
     REFUSALS.labels(model, reason).inc()
+
+
+def record_study(model: str, kind: str, summary) -> None:
+    """Count one screened study, its slice count and its slices' states (not a file name)."""
+    STUDIES.labels(model, kind, summary.label).inc()
+    STUDY_SLICES.labels(model).observe(summary.slices)
+    for state, count in (("scored", summary.scored), ("blank", summary.blank),
+                         ("refused", summary.refused), ("unreadable", summary.unreadable)):
+        if count:
+            STUDY_SLICE_STATES.labels(model, state).inc(count)
 
 
 def record_model_load(model: str, seconds: float, engine: str | None = None) -> None:

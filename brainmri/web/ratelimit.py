@@ -95,7 +95,8 @@ EXTENSION_KEY = "brainmri.ratelimit"
 LIMITER_KEY = "brainmri.limiter"
 
 # The routes that run a prediction; everything else is cheap and never limited.
-LIMITED_ENDPOINTS = frozenset({"api.predict", "api.predict_batch", "pages.predict"})
+LIMITED_ENDPOINTS = frozenset({"api.predict", "api.predict_batch", "pages.predict",
+                               "api.studies_endpoint", "studies.study_page"})
 
 # One bucket per client for all three routes (Flask-Limiter "application limit" scope).
 _SCOPE = "predict"

@@ -21,6 +21,7 @@ import numpy as np
 from flask import current_app
 from flask import request
 from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import inference
 from .errors import UploadError
@@ -122,7 +123,15 @@ def read_batch(max_files: int, field: str = BATCH_FIELD) -> list[FileStorage]:
         RequestEntityTooLarge: body over MAX_CONTENT_LENGTH or a part flood (413).
     """
     request.max_form_parts = max_files + 2
-    uploads = request.files.getlist(field)
+    try:
+        uploads = request.files.getlist(field)
+    except RequestEntityTooLarge:
+        # A body within MAX_CONTENT_LENGTH was stopped by the part counter: too many files,
+        # which is what the client needs to hear (not "larger than 20 MB").
+        length, limit = request.content_length, request.max_content_length
+        if length is None or limit is None or length > limit:
+            raise
+        raise _too_many_files(max_files) from None
     if not uploads:
         raise UploadError(
             "missing_file",
@@ -131,12 +140,16 @@ def read_batch(max_files: int, field: str = BATCH_FIELD) -> list[FileStorage]:
             400,
         )
     if len(uploads) > max_files:
-        raise UploadError(
-            "too_many_files",
-            f"At most {max_files} files can be sent in one batch request; split the batch.",
-            413,
-        )
+        raise _too_many_files(max_files)
     return uploads
+
+
+def _too_many_files(max_files: int) -> UploadError:
+    return UploadError(
+        "too_many_files",
+        f"At most {max_files} files can be sent in one batch request; split the batch.",
+        413,
+    )
 
 
 def requested_model() -> str | None:
