@@ -99,6 +99,24 @@ def test_a_report_of_another_file_is_flagged_as_such(tmp_path):
     assert "measured on another file of this name" in card
 
 
+def test_reports_no_served_model_owns_are_listed_on_the_models_page(tmp_path):
+    """A baseline or leave-one-out run kept in reports/ still reaches the documentation."""
+    _tiny_project(tmp_path, {})
+    (tmp_path / "reports" / "baseline").mkdir()
+    (tmp_path / "reports" / "baseline" / "metrics.json").write_text(json.dumps({
+        "model": {"name": "brainmri_tiny", "version": "1.0.0", "sha256": "1" * 64},
+        "trained_on": ["sartaj"],
+        "sets": {"lgg/unseen": {"images": 99, "accuracy": 0.401, "sensitivity": 0.25,
+                                "specificity": 0.55}}}))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "models.md").write_text("<!-- generated:other-reports -->\n"
+                                                 "<!-- /generated:other-reports -->\n")
+    page = cards.render_all(tmp_path)[Path("docs/models.md")]
+    assert "`reports/baseline/metrics.json`" in page and "trained on sartaj" in page
+    assert "| LGG all of it (never trained on) | **no** | mixed | 99 | 0.401 | 0.250 | 0.550 |" in page
+    assert "reports/metrics.json" not in page  # the served model's own report is on its card
+
+
 def test_cards_of_models_no_longer_served_are_stale(tmp_path):
     _tiny_project(tmp_path, {})
     cards.write_all(tmp_path)
