@@ -247,3 +247,9 @@ def test_no_card_no_link_and_unknown_names_are_not_found(client, pages, app, tmp
     (tmp_path / "other.md").write_text("x")
     for name in ("other", "fake-cnn", "..%2Fmodel%2Fbrainmri_cnn"):
         assert client.get(f"/models/{name}/card").status_code == 404
+
+
+def test_a_report_of_an_unexpected_shape_is_shown_raw_not_a_crash(tmp_path):
+    _tiny_project(tmp_path, {"trust": {"calibration": {"lgg/test": 0.5}, "temperature": 1.2}})
+    card = cards.render_all(tmp_path)[Path("docs/models/brainmri_tiny.md")]
+    assert "Laid out generically" in card and "## The input guard" in card

@@ -284,7 +284,8 @@ def held_out_rows(docs: ModelDocs) -> list[tuple[str, str, dict[str, Any]]]:
         by_sequence = entry.get("by_sequence") or {}
         if by_sequence:
             for sequence, figures in sorted(by_sequence.items()):
-                rows.append((key, sequence, figures))
+                if isinstance(figures, dict):
+                    rows.append((key, sequence, figures))
         else:
             rows.append((key, "mixed", {"images": entry.get("images"), "accuracy": entry.get("accuracy"),
                                         "sensitivity": _sensitivity(entry),
@@ -631,10 +632,34 @@ def render_card(docs: ModelDocs) -> str:
         lines += [f"!!! note \"Stale report\"\n    {docs.report_note}", ""]
     for part in (_details, lambda d: _uses(), _training_data, _evaluation_data, _results,
                  _calibration, _guard, _limitations, _procedure):
-        lines += part(docs)
+        try:
+            lines += part(docs)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # A report of a shape this module does not know yet: say so, show the raw values,
+            # and let the rest of the card be written.
+            title, raw = _FALLBACK.get(getattr(part, "__name__", ""), ("Section", None))
+            value = raw(docs) if raw else None
+            lines += [f"## {title}", "", f"!!! note \"Laid out generically\"\n    This part of the "
+                      f"report has a shape the generator does not know ({type(exc).__name__}: {exc}); "
+                      "its values follow as they are.", ""]
+            lines += generic(value, 3) if value is not None else []
     lines += ["## References", "",
               "Mitchell et al., \"Model Cards for Model Reporting\", FAT* 2019 (arXiv:1810.03993).", ""]
     return _tidy(lines)
+
+
+_FALLBACK = {
+    "_details": ("Model details", lambda d: {k: v for k, v in d.meta.items() if not isinstance(v, (dict, list))}),
+    "_training_data": ("Training data", lambda d: (d.meta.get("training") or {}).get("split_counts_by_collection")),
+    "_evaluation_data": ("Evaluation data", lambda d: None),
+    "_results": ("Results", lambda d: _sets(d)),
+    "_calibration": ("Calibration and the uncertain flag",
+                     lambda d: ((d.report or {}).get("trust") or {}).get("calibration") or d.meta.get("calibration")),
+    "_guard": ("The input guard", lambda d: {k: v for k, v in ((d.report or {}).get("trust") or {}).items()
+                                             if k in ("false_refusal", "ood")}),
+    "_limitations": ("Bias, risks and limitations", lambda d: None),
+    "_procedure": ("Training procedure", lambda d: (d.meta.get("training") or {}).get("config")),
+}
 
 
 def _tidy(lines: list[str]) -> str:
