@@ -204,6 +204,15 @@ def test_every_dashboard_query_names_a_series_metrics_exports(client):
         assert series in covered, series
 
 
+def test_every_exported_series_is_documented_on_the_deployment_page(client):
+    page = (PROJECT_ROOT / "docs" / "deployment.md").read_text()
+    text = client.get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("brainmri_") and not family.name.endswith("_created"):
+            name = family.name + ("_total" if family.type == "counter" else "")
+            assert f"`{name}`" in page, name
+
+
 def test_the_dashboard_imports_as_is():
     """Grafana's import form: a data-source input every panel and query uses, unique panel ids."""
     dashboard = json.loads(DASHBOARD.read_text())
