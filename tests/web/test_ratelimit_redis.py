@@ -76,7 +76,7 @@ def test_two_workers_share_one_bucket_in_redis(png_bytes, redis_server):
 
 
 def test_memory_storage_is_per_worker(png_bytes):
-    """The contrast: with memory:// each worker keeps its own buckets (README says W times)."""
+    """The contrast: with memory:// each worker keeps its own buckets (W times the limit)."""
     settings = {"BRAINMRI_RATE_LIMIT": "1/hour", "BRAINMRI_RATE_LIMIT_BURST": 3}
     first, _ = limited_app(**settings)
     second, _ = limited_app(**settings)
