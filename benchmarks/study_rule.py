@@ -126,6 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "study_rule.json")
+    parser.add_argument("--dump", type=Path, default=None,
+                        help="Also write every study's slices (probability, mask, state) here.")
     args = parser.parse_args()
     model = args.model or default_model_path(Path(DEFAULTS["BRAINMRI_MODEL_DIR"]))
     predictor = Predictor.from_path(model)
@@ -138,6 +140,8 @@ def main() -> None:
     for study in studies:
         study["slices"] = screen(predictor, threshold, study.pop("files"))
     seconds = time.perf_counter() - started
+    if args.dump:
+        args.dump.write_text(json.dumps(studies))
     choose = [s for s in studies if s["side"] == "val"]
     report = [s for s in studies if s["side"] == "test"]
     table = []

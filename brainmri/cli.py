@@ -423,6 +423,7 @@ def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:
     """
     from .web import ALLOWED_EXTENSIONS
 
+    allowed = (*ALLOWED_EXTENSIONS, *VOLUME_SUFFIXES)
     accepted: list[Path] = []
     skipped: Counter[str] = Counter()
     for path in paths:
@@ -433,11 +434,19 @@ def _find_inputs(paths: list[Path]) -> tuple[list[Path], Counter[str]]:
             if not child.is_file():
                 continue
             suffix = child.suffix.lower()
-            if suffix in ALLOWED_EXTENSIONS:
+            if suffix in allowed and (suffix != ".gz" or _is_volume(child)):
                 accepted.append(child)
             else:
                 skipped[suffix or "(no extension)"] += 1
     return accepted, skipped
+
+
+# NIfTI volumes: `brainmri predict` writes one row per axial slice (imaging/volumes.py).
+VOLUME_SUFFIXES = (".nii", ".gz")
+
+
+def _is_volume(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _skipped_text(skipped: Counter[str]) -> str:
@@ -466,20 +475,33 @@ def _skipped_text(skipped: Counter[str]) -> str:
 @click.option("--address", default=None,
               help="With --engine ray: the Ray cluster to join (auto, ray://head:10001) "
                    "[default: a local Ray instance for this run].")
+@click.option("--by-study", is_flag=True,
+              help="One summary row per study instead of one per file: each NIfTI volume, each "
+                   "ZIP, and the files of each folder (a DICOM series, or slices ordered by "
+                   "name) are one study, screened as POST /api/v1/studies does.")
 def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | None,
                     batch_size: int, no_guard: bool, engine: str = "plain",
-                    address: str | None = None) -> None:
-    """Classify PNG/JPEG/DICOM files and folders (recursive) into a CSV, screened like an upload.
+                    address: str | None = None, by_study: bool = False) -> None:
+    """Classify PNG/JPEG/DICOM files, NIfTI volumes and folders (recursive) into a CSV, screened
+    like an upload.
 
     Each file takes the page's and the API's path (inference/guarded.py): refusals get refused=true
-    and the reason but no class, weak answers uncertain=true, and unusable files an error.
+    and the reason but no class, weak answers uncertain=true, and unusable files an error. A
+    NIfTI volume (.nii, .nii.gz) gives one row per axial slice, its index in the `slice` column
+    (present when a volume is among the inputs); blank slices say so and are not scored.
     """
     from . import inference
     from .inference import Predictor
 
     if address is not None and engine != "ray":
         raise click.BadParameter("only with --engine ray", param_hint="--address")
+    if by_study and engine != "plain":
+        raise click.BadParameter("only with --engine plain", param_hint="--by-study")
     files, skipped = _find_inputs(list(paths))
+    volumes = [path for path in files if _is_volume(path)]
+    if volumes and engine != "plain":
+        raise click.BadParameter("NIfTI volumes are read by the plain engine only",
+                                 param_hint="--engine")
     model = _model_or_default(model_path)
     predictor = Predictor.from_path(model)
     if engine == "plain":  # the Ray engine loads the model in its actors, not here
@@ -491,11 +513,18 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
     elif getattr(predictor, "guard", None) is None:
         click.echo("This model has no fitted out-of-distribution guard (run `brainmri "
                    "calibrate`); only DICOM files of another modality are refused.", err=True)
+    if by_study:
+        from .inference import predict_by_study
+
+        written = predict_by_study(list(paths), predictor, csv_path, threshold, not no_guard)
+        click.echo(f"Wrote {csv_path}: {written} studies")
+        return
     if engine == "ray":
         counts = _predict_with_ray(files, model, csv_path, batch_size, threshold,
                                    not no_guard, address)
     else:
-        counts = _predict_plain(files, predictor, csv_path, batch_size, threshold, not no_guard)
+        counts = _predict_plain([path for path in files if not _is_volume(path)], predictor,
+                                csv_path, batch_size, threshold, not no_guard, volumes)
     if skipped:
         click.echo(_skipped_text(skipped))
     click.echo(f"Wrote {csv_path}: {counts['classified']} classified ({counts['uncertain']} "
@@ -504,14 +533,19 @@ def predict_command(paths: tuple[Path, ...], csv_path: Path, model_path: Path | 
 
 
 def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int,
-                   threshold: float, guard: bool) -> Counter[str]:
-    """The plain engine: chunks of `batch_size` files, one forward pass each, in this process."""
+                   threshold: float, guard: bool, volumes: list[Path] = ()) -> Counter[str]:
+    """The plain engine: chunks of `batch_size` files, one forward pass each, in this process;
+    then each volume's slices (a `slice` column is added when there are volumes)."""
     from . import inference
 
     counts: Counter[str] = Counter()
     with csv_path.open("w", newline="", encoding="utf-8") as handle, \
-            _progress_bar(len(files), "Classifying") as bar:
+            _progress_bar(len(files) + len(volumes), "Classifying") as bar:
         writer = csv.writer(handle)
+        if volumes:
+            from .inference import VolumeRows
+
+            writer = VolumeRows(writer)
         writer.writerow(PREDICT_COLUMNS)
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -536,6 +570,10 @@ def _predict_plain(files: list[Path], predictor, csv_path: Path, batch_size: int
                     counts["refused" if outcome.refused else "unreadable"] += 1
             handle.flush()
             bar.update(len(chunk))
+        for volume in volumes:
+            writer.write_volume(volume, predictor, threshold, guard, counts)
+            handle.flush()
+            bar.update(1)
     return counts
 
 

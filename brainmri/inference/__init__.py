@@ -53,6 +53,8 @@ from .study import StudyResult
 from .study import StudyRule
 from .study import screen_study
 from .study import slice_csv_row
+from .studyfiles import VolumeRows
+from .studyfiles import predict_by_study
 
 __all__ = [
     "CLASSES",
@@ -76,6 +78,7 @@ __all__ = [
     "StudyRule",
     "Predictor",
     "UnknownModel",
+    "VolumeRows",
     "Verdict",
     "calibration",
     "classify_many",
@@ -98,6 +101,7 @@ __all__ = [
     "ood",
     "onnxengine",
     "overlay_data_uri",
+    "predict_by_study",
     "raybatch",
     "read_model_card",
     "screen_study",
