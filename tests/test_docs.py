@@ -262,3 +262,19 @@ def test_a_report_of_an_unexpected_shape_is_shown_raw_not_a_crash(tmp_path):
     _tiny_project(tmp_path, {"trust": {"calibration": {"lgg/test": 0.5}, "temperature": 1.2}})
     card = cards.render_all(tmp_path)[Path("docs/models/brainmri_tiny.md")]
     assert "Laid out generically" in card and "## The input guard" in card
+
+
+def test_the_study_page_joins_the_nav_once_it_exists(tmp_path):
+    """docs/studies.md comes with the study view; the nav lists it only when it is there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("optional_pages",
+                                                  PROJECT_ROOT / "docs" / "hooks" / "optional_pages.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    nav = [{"Home": "index.md"}, {"Using the pages": "pages.md"}, {"HTTP API": "api.md"}]
+    config = {"docs_dir": str(tmp_path), "nav": [dict(entry) for entry in nav]}
+    assert hook.on_config(config)["nav"] == nav
+    (tmp_path / "studies.md").write_text("# Studies\n")
+    assert hook.on_config(config)["nav"][2] == {"Studies": "studies.md"}
+    assert len(hook.on_config(config)["nav"]) == 4  # not added twice
