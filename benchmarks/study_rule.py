@@ -60,7 +60,7 @@ def lgg_patients(splits: Path) -> dict[str, str]:
 
 def study_files(root: Path, patients: dict[str, str]) -> list[dict]:
     """One entry per (case, sequence): its files in name order and each slice's label."""
-    rows = list(csv.DictReader((root / "slices.csv").open()))
+    rows = list(csv.DictReader((root / "slices.csv").read_text().splitlines()))
     studies: dict[tuple[str, str], dict] = {}
     for row in rows:
         if row["patient"] not in patients:
@@ -134,7 +134,7 @@ def main() -> None:
     predictor.load()
     threshold = uncertain_threshold(predictor, DEFAULTS["BRAINMRI_UNCERTAIN_BELOW"])
     lgg = lgg_patients(model.with_suffix(".splits.json"))
-    brats = {row["patient"]: "test" for row in csv.DictReader((DATA / "brats/slices.csv").open())}
+    brats = {row["patient"]: "test" for row in csv.DictReader((DATA / "brats/slices.csv").read_text().splitlines())}
     studies = study_files(DATA / "lgg", lgg) + study_files(DATA / "brats", brats)
     started = time.perf_counter()
     for study in studies:

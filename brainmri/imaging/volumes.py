@@ -134,14 +134,15 @@ def window_volume(volume: np.ndarray) -> np.ndarray:
     """One window for the whole volume: 0.5th-99.5th percentile of its foreground -> 0-255 uint8.
 
     The foreground is every voxel above the volume's minimum (the background of skull-stripped
-    volumes and the air of clinical ones sit at it); a volume with no foreground comes out black.
+    volumes and the air of clinical ones sit at it); a volume with no foreground comes out black,
+    one with a single foreground value (a mask) black and white.
     """
     floor = float(volume.min())
     foreground = volume[volume > floor]
     if foreground.size == 0:
         return np.zeros(volume.shape, np.uint8)
     low, high = np.percentile(foreground, (0.5, 99.5))
-    if high <= low:
-        high = low + 1.0
+    if high <= low:  # a label or mask volume: foreground white, background black
+        return np.where(volume > floor, 255, 0).astype(np.uint8)
     scaled = np.clip((volume - low) / (high - low), 0.0, 1.0) * 255.0
     return np.rint(scaled).astype(np.uint8)
