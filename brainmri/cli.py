@@ -118,6 +118,16 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
               show_default=True,
               help="collection: each collection draws alike, its classes evenly; cell: each "
                    "(collection, class) draws alike.")
+@click.option("--contrast", type=click.Choice(["none", "gin"]), default="gin", show_default=True,
+              help="Random tissue contrast in training (gin: random shallow convolutions and "
+                   "intensity curves), so that the answer follows the anatomy, not one sequence.")
+@click.option("--skull-strip", default=0.25, show_default=True,
+              help="Share of training images given a skull-stripped look (research volumes "
+                   "such as BraTS are brain-extracted); 0 turns it off.")
+@click.option("--exclude-sequence", "exclude_sequences", multiple=True,
+              type=click.Choice(["t1", "t1c", "t2", "flair"]),
+              help="Leave this sequence out of training and validation (leave-one-sequence-out); "
+                   "the test split still scores it. Repeatable.")
 @click.option("--max-minutes", default=28.0, show_default=True,
               help="Wall-clock budget for the training loop (stops after the epoch that crosses it).")
 @click.option("--size", default=128, show_default=True, help="Square input side in pixels.")
@@ -135,7 +145,8 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
                   epochs: int, epoch_images: int, min_resolution: float, balance: str,
                   max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
-                  cache_dir: Path | None) -> None:
+                  cache_dir: Path | None, contrast: str = "gin", skull_strip: float = 0.25,
+                  exclude_sequences: tuple[str, ...] = ()) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
     from . import training
     from .training import check_weights
@@ -150,7 +161,8 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
         name=name or f"brainmri_{arch}",
         size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
         max_minutes=max_minutes, epoch_images=epoch_images, balance=balance,
-        min_resolution=min_resolution,
+        min_resolution=min_resolution, contrast=contrast, skull_strip=skull_strip,
+        exclude_sequences=tuple(exclude_sequences),
         group_distance=dedup.DEFAULT_MAX_DISTANCE if group_distance is None else group_distance,
         exclude_official_test_duplicates=exclude_test_duplicates,
     )
