@@ -11,6 +11,7 @@ from . import explain
 from . import guardnet
 from . import ood
 from . import onnxengine
+from . import uncertainty
 from .explain import heatmap_png
 from .explain import legend_data_uri
 from .explain import overlay_data_uri
@@ -46,6 +47,8 @@ from .registry import default_model_path
 from .registry import discover_models
 from .registry import held_out_score
 from .registry import leakage_free_score
+from .uncertainty import UncertaintyRule
+from .uncertainty import fit_feature_space
 from .study import DEFAULT_RULE
 from .study import STUDY_COLUMNS
 from .study import SliceResult
@@ -77,6 +80,7 @@ __all__ = [
     "StudyResult",
     "StudyRule",
     "Predictor",
+    "UncertaintyRule",
     "UnknownModel",
     "VolumeRows",
     "Verdict",
@@ -89,6 +93,7 @@ __all__ = [
     "discover_models",
     "engine_choice",
     "explain",
+    "fit_feature_space",
     "export",
     "file_sha256",
     "heatmap_png",
@@ -107,5 +112,6 @@ __all__ = [
     "screen_study",
     "slice_csv_row",
     "uncertain_threshold",
+    "uncertainty",
     "write_model_card",
 ]

@@ -132,7 +132,9 @@ def classify_prepared(predictor, prepared: Sequence[Scan | Exception], uncertain
                if scans else [])
     for index, scan, result in zip(ready, scans, results):
         if isinstance(result, Prediction):
-            flagged = replace(result, uncertain=result.confidence < uncertain_below)
+            # The predictor has already flagged atypical inputs; a low probability adds to that.
+            flagged = replace(result, uncertain=result.uncertain
+                              or result.confidence < uncertain_below)
             outcomes[index] = Outcome(prediction=flagged, model_input=scan.model_input)
         else:  # the guard's NotBrainMRI refusal
             outcomes[index] = Outcome(model_input=scan.model_input, error=result)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ..imaging import load_scan
 from ..imaging import read_scan
 from .ood import NotBrainMRI
 from .ood import OODGuard
+from .uncertainty import UncertaintyRule
 from .modelcard import CLASSES
 from .modelcard import ModelCard
 from .modelcard import ModelError
@@ -47,7 +49,9 @@ class Prediction:
     probabilities: dict[str, float]
     tumor_probability: float
     disclaimer: str = DISCLAIMER
-    # Top-class probability below the fitted threshold (set by inference.py for page, API, CLI).
+    # Not a confident answer: the top-class probability is below the fitted threshold (set in
+    # guarded.py for page, API and CLI), or the slice's features lie far from the training
+    # slices of its class (`Predictor.atypical`).
     uncertain: bool = False
 
     @classmethod
@@ -235,6 +239,19 @@ class Predictor:
         return None if value is None else float(value)
 
     @cached_property
+    def uncertainty(self) -> UncertaintyRule | None:
+        """The fitted "uncertain" rule (metadata "uncertainty", `brainmri calibrate`), if any."""
+        meta = self.card.raw.get("uncertainty")
+        return UncertaintyRule.from_metadata(meta) if meta else None
+
+    def atypical(self, calibrated: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """Rows whose features lie far from the training slices of their predicted class."""
+        rule = self.uncertainty
+        if rule is None:
+            return np.zeros(len(np.atleast_2d(calibrated)), bool)
+        return rule.atypical(calibrated, features)
+
+    @cached_property
     def guard(self) -> OODGuard | None:
         """The out-of-distribution guard fitted by `brainmri calibrate`, None before that."""
         meta = self.card.raw.get("ood")
@@ -345,12 +362,16 @@ class Predictor:
         screen = self.guard if guard else None
         verdicts = (screen.assess_many(images, colours, features, peaks)
                     if screen is not None else None)
+        # Unlike the training slices of the class it was given: never a confident answer,
+        # whatever the probability says (the low-probability half of the rule is the caller's).
+        atypical = self.atypical(self.calibrate(probs), features)
         results: list[Prediction | NotBrainMRI] = []
         for i in range(len(images)):
             if verdicts is not None and verdicts[i].refused:
                 results.append(NotBrainMRI(verdicts[i]))
                 continue
-            results.append(self._to_prediction(probs[i]))
+            prediction = self._to_prediction(probs[i])
+            results.append(replace(prediction, uncertain=True) if atypical[i] else prediction)
         return results
 
     def explain(self, image: np.ndarray, label: str | None = None) -> Explanation:

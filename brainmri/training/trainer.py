@@ -290,7 +290,7 @@ def balanced_stream(cells: list[np.ndarray], total: int, seed: int,
     return rng.permutation(np.concatenate(draws))[:total]
 
 
-def strip_skull(images, share: float = 0.25, min_depth: int = 6, max_depth: int = 16):
+def strip_skull(images, share: float = 0.25, min_depth: float = 0.05, max_depth: float = 0.125):
     """Give part of a (N, H, W, 1) batch the look of skull-stripped research data (BraTS).
 
     Research volumes are usually brain-extracted: no scalp, skull or eyes, a black background,
@@ -304,14 +304,17 @@ def strip_skull(images, share: float = 0.25, min_depth: int = 6, max_depth: int 
 
     n = tf.shape(images)[0]
     size = tf.shape(images)[1:3]
+    side = images.shape[1] or 128  # static in training; the depths are fractions of it
     head = tf.cast(tf.nn.avg_pool2d(images, 3, 1, "SAME") > 0.08, tf.float32)
     # Outside the image is air: pad before eroding, or a head that touches the edge keeps its
     # skull there (SAME pooling ignores the padding).
-    pad = max_depth + 8
+    depths = sorted({max(1, round(side * f)) for f in np.linspace(min_depth, max_depth, 6)})
+    pad = depths[-1] + 8
     head = tf.pad(head, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    closed = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 15, 1, "SAME"), 15, 1, "SAME")
+    # Closing fills the dark holes inside the head (ventricles, sulci) before the erosion.
+    close = max(3, round(side * 0.12)) | 1
+    closed = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, close, 1, "SAME"), close, 1, "SAME")
     # Pooling windows must be static: one branch per depth, one depth drawn per batch.
-    depths = list(range(min_depth, max_depth + 1, 2))
     pick = tf.random.uniform([], 0, len(depths), dtype=tf.int32)
     brain = tf.switch_case(pick, [
         (lambda d=d: -tf.nn.max_pool2d(-closed, 2 * d + 1, 1, "SAME")) for d in depths])
@@ -334,10 +337,10 @@ def strip_skull(images, share: float = 0.25, min_depth: int = 6, max_depth: int 
     y0, y1, h = extent(rows, height)
     x0, x1, w = extent(cols, width)
     # A square box around the brain (preprocessing pads the crop to a square).
-    side = tf.maximum(h, w) * 1.08
+    box = tf.maximum(h, w) * 1.08
     cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
-    boxes = tf.stack([(cy - side / 2) / (height - 1), (cx - side / 2) / (width - 1),
-                      (cy + side / 2) / (height - 1), (cx + side / 2) / (width - 1)], axis=1)
+    boxes = tf.stack([(cy - box / 2) / (height - 1), (cx - box / 2) / (width - 1),
+                      (cy + box / 2) / (height - 1), (cx + box / 2) / (width - 1)], axis=1)
     cropped = tf.image.crop_and_resize(stripped, boxes, tf.range(n), size, method="bilinear")
     peak = tf.reduce_max(cropped, axis=[1, 2, 3], keepdims=True)
     cropped = tf.clip_by_value(cropped / tf.maximum(peak, 1e-3), 0.0, 1.0)

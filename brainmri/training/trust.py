@@ -30,6 +30,8 @@ from .dataset import load_datasets
 from ..imaging import ImageError
 from ..imaging import decode_file
 from ..inference import CLASSES
+from ..inference import UncertaintyRule
+from ..inference import fit_feature_space
 from ..inference import metadata_path_for
 
 __all__ = ["calibrate", "evaluate_trust", "measure_images", "ood_test_images"]
@@ -357,6 +359,45 @@ def _held_out_network(real: _Measured, meta: dict[str, Any], margin_key: str = "
     return replace(real, features=features), missing
 
 
+# Share of validation slices whose features count as typical of their predicted class.
+TYPICAL_QUANTILE = 0.95
+UNCERTAINTY_RULE = (
+    "confident only when the calibrated top-class probability reaches `confidence_below` and "
+    "the slice's pooled features lie within `distance_above` (the 95th percentile on "
+    "validation) of the training slices of that class (shared-covariance Mahalanobis)")
+
+
+def fit_uncertainty(train_features: np.ndarray, train_labels: np.ndarray,
+                    val_calibrated: np.ndarray, val_features: np.ndarray, val_labels: np.ndarray,
+                    target_accuracy: float, classes: int,
+                    quantile: float = TYPICAL_QUANTILE) -> tuple[UncertaintyRule, dict[str, Any]]:
+    """The "uncertain" rule, fitted on validation: a feature-distance bound, then the lowest
+    probability threshold at which the typical slices reach `target_accuracy`.
+
+    Returns the rule and the figures `choose_uncertain_threshold` measured, with coverage and
+    accuracy recomputed for the whole rule on the validation split.
+    """
+    centre, projection, means = fit_feature_space(train_features, train_labels, classes)
+    probe = UncertaintyRule(0.0, np.inf, centre, projection, means)
+    distance = probe.distances(val_features)[np.arange(len(val_labels)), val_calibrated.argmax(1)]
+    # A class the model never trained on has no mean (NaN): as far as can be.
+    bound = float(np.quantile(np.nan_to_num(distance, nan=np.inf), quantile, method="higher"))
+    typical = distance <= bound
+    correct = val_calibrated.argmax(1) == val_labels
+    chosen = calibration.choose_uncertain_threshold(val_calibrated.max(1)[typical],
+                                                    correct[typical], target_accuracy)
+    rule = UncertaintyRule(chosen["uncertain_below"], bound, centre, projection, means)
+    confident = ~rule.flags(val_calibrated, val_features)
+    figures = chosen | {
+        "coverage": round(float(confident.mean()), 4),
+        "accuracy_confident": round(float(correct[confident].mean()), 4) if confident.any() else None,
+        "accuracy_uncertain": round(float(correct[~confident].mean()), 4)
+        if (~confident).any() else None,
+        "atypical_rate": round(float((~typical).mean()), 4),
+    }
+    return rule, figures
+
+
 def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | None = None,
               target_accuracy: float = 0.98, progress=None,
               ood_root: Path | None = None, guard_network: Path | None = None) -> dict[str, Any]:
@@ -385,6 +426,11 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     splits = _split_indices(data, manifest)
     y = data.label_indices
     val, train = splits["val"], splits["train"]
+    # A sequence the model was kept from (leave-one-sequence-out) stays out of its fit too.
+    excluded = set((predictor.card.raw.get("training") or {}).get("excluded_sequences") or [])
+    if excluded:
+        val = np.array([i for i in val if data.sequences[i] not in excluded], int)
+        train = np.array([i for i in train if data.sequences[i] not in excluded], int)
 
     guard_path = Path(guard_network) if guard_network else model_path.parent / GUARD_FILE
     network, network_meta = _load_network(guard_path) if guard_path.is_file() else (None, None)
@@ -395,7 +441,8 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     temperature = calibration.fit_temperature(val_probs, y[val])
     calibrated = calibration.apply_temperature(val_probs, temperature)
     correct = calibrated.argmax(1) == y[val]
-    uncertain = calibration.choose_uncertain_threshold(calibrated.max(1), correct, target_accuracy)
+    rule, uncertain = fit_uncertainty(train_emb, y[train], calibrated, val_emb, y[val],
+                                      target_accuracy, len(predictor.labels))
     block = {
         "temperature": round(temperature, 6),
         "fitted_on": "val",
@@ -477,6 +524,8 @@ def calibrate(model_path: Path, data_root: Path | list[Path], cache_dir: Path | 
     meta_path = metadata_path_for(model_path)
     meta = json.loads(meta_path.read_text())
     meta["calibration"] = block
+    meta["uncertainty"] = rule.to_metadata() | {"rule": UNCERTAINTY_RULE,
+                                                "fitted_on": "train (class means), val (bounds)"}
     meta["ood"] = ood_block
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     summary = {k: v for k, v in ood_block.items() if k not in ("centroids", "whitening_float32_base64")}
@@ -519,6 +568,33 @@ def _rate(flags) -> float | None:
     return round(float(np.mean(flags)), 4) if flags else None
 
 
+NO_TUMOR = CLASSES.index("no_tumor")
+
+
+def _served_confidence(correct: np.ndarray, uncertain: np.ndarray, refused: np.ndarray,
+                       said_tumour: np.ndarray, is_tumour: np.ndarray,
+                       sequences: list[str]) -> dict[str, Any]:
+    """How the answers shown as confident fare, as the page and API give them.
+
+    Coverage is the share of slices answered confidently (neither refused by the guard nor
+    flagged uncertain); precision is how often those answers name the right class; tumour
+    sensitivity is among tumour slices answered confidently. Overall and per sequence.
+    """
+    def figures(keep: np.ndarray) -> dict[str, Any]:
+        confident = keep & ~uncertain & ~refused
+        tumour = confident & is_tumour
+        return {"images": int(keep.sum()),
+                "coverage": _rate(confident[keep]),
+                "precision": _rate(correct[confident]),
+                "confident_tumour_sensitivity": _rate(said_tumour[tumour]),
+                "refused": _rate(refused[keep])}
+
+    seqs = np.array(sequences)
+    return figures(np.ones(len(correct), bool)) | {
+        "by_sequence": {name: figures(seqs == name)
+                        for name in sorted(set(sequences) - {"unspecified"})}}
+
+
 def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                    out_dir: Path) -> dict[str, Any]:
     """ECE before/after, the uncertain flag, false refusals and OOD refusals per category."""
@@ -548,10 +624,17 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             "nll_after": round(calibration.negative_log_likelihood(calibrated, y[indices]), 4),
         }
         if predictor.uncertain_below is not None:
-            flagged = calibrated.max(1) < predictor.uncertain_below
+            flagged = (calibrated.max(1) < predictor.uncertain_below) | predictor.atypical(
+                calibrated, emb)
             entry["uncertain_rate"] = _rate(flagged)
             entry["accuracy_confident"] = _rate(correct[~flagged])
             entry["accuracy_uncertain"] = _rate(correct[flagged])
+            refused = (np.array([v.refused for v in _verdicts(guard, {
+                "emb": emb, "features": features, "descriptors": descriptors})], bool)
+                if guard is not None else np.zeros(len(indices), bool))
+            entry["served"] = _served_confidence(
+                correct, flagged, refused, calibrated.argmax(1) != NO_TUMOR,
+                y[indices] != NO_TUMOR, [data.sequences[i] for i in indices])
         report["calibration"][name] = entry
         if name == first_test:
             plots.reliability(out_dir / "reliability_test_before_calibration.png",
