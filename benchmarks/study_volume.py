@@ -90,12 +90,17 @@ def main() -> None:
         if i >= 5:
             single.append(elapsed)
 
+    import os
+
     report = {
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "model": body["model"]["name"],
         "engine": predictor.engine,
         "volume_slices": len(body["slices"]),
         "volume_blank": body["summary"]["counts"]["blank"],
         "volume_refused": body["summary"]["counts"]["refused"],
+        "volume_summary": {k: body["summary"][k] for k in ("tumor_probability", "label",
+                                                           "most_suspicious")},
         "volume_first_request_s": round(cold, 3),
         "volume_request_s_median": round(statistics.median(totals), 3),
         "volume_request_s_all": [round(t, 3) for t in totals],
