@@ -55,6 +55,7 @@ FIELD = "files"
 STUDY_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".zip", ".nii", ".gz")
 STUDY_ACCEPT = ",".join((*STUDY_EXTENSIONS, "image/png", "image/jpeg", "application/dicom",
                          "application/zip", "application/gzip"))
+_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # Room in the body for the multipart boundaries and headers of every part.
 _ENVELOPE = 1024 * 1024
 
@@ -102,7 +103,9 @@ def _read_files() -> list[tuple[str | None, bytes]]:
         files = [(part.filename, part.read()) for part in parts]
     except RequestEntityTooLarge:
         raise _body_too_large(limits) from None
-    files = [(name, data) for name, data in files if name or data]
+    # Operating-system clutter a folder upload brings along is dropped, as in a ZIP.
+    files = [(name, data) for name, data in files
+             if (name or data) and os.path.basename((name or "").replace("\\", "/")) not in _CLUTTER]
     if not files:
         raise UploadError("missing_file", "No file was uploaded. Send the study's files as "
                           f"multipart/form-data, each in a part named '{FIELD}'.", 400)

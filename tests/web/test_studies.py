@@ -351,3 +351,15 @@ def test_filenames_never_logged(client, caplog):
     assert "study request_id=" in caplog.text
     assert NAME_TAG not in caplog.text
     assert not any(tag in caplog.text for tag in PATIENT_STRINGS)
+
+
+def test_folder_upload_clutter_is_dropped(client):
+    files = numbered_slices(2) + [(b"\0\0junk", "study/.DS_Store"), (b"x", "Thumbs.db")]
+    response = post_study(client, files)
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["slices"]) == 3
+
+
+def test_page_offers_a_folder_picker(client):
+    html = client.get("/studies").get_data(as_text=True)
+    assert "webkitdirectory" in html and 'id="study-folder"' in html
