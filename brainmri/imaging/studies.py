@@ -29,6 +29,7 @@ from .archives import is_zip
 from .archives import read_zip
 from .decode import decode_file
 from .decode import peak_brightness
+from .decode import SUPPORTED_FORMATS
 from .decode import sniff_format
 from .errors import ImageError
 from .preprocessing import Scan
@@ -136,6 +137,9 @@ def read_study(files: Sequence[tuple[str | None, bytes]], size: int,
     if len(files) > limits.max_slices:
         raise _too_many(len(files), limits)
     formats = [sniff_format(data) for _, data in files]
+    if kind == "zip" and any(fmt not in SUPPORTED_FORMATS for fmt in formats):
+        raise ImageError("bad_archive", "The ZIP archive holds a file that is not a PNG, JPEG or "
+                         "DICOM slice; it was refused.")
     if any(fmt == "dicom" for fmt in formats):
         if any(fmt in ("png", "jpeg") for fmt in formats):
             raise ImageError("mixed_study", "The study mixes DICOM files with PNG/JPEG images; "

@@ -363,3 +363,31 @@ def test_folder_upload_clutter_is_dropped(client):
 def test_page_offers_a_folder_picker(client):
     html = client.get("/studies").get_data(as_text=True)
     assert "webkitdirectory" in html and 'id="study-folder"' in html
+
+
+def test_zip_member_without_extension_that_is_not_an_image_is_refused(client):
+    archive = zip_of({"slice1.png": numbered_slices(1)[0][0], "README": b"just text"})
+    response = post_study(client, [(archive, "study.zip")])
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "bad_archive"
+
+
+def test_zip_of_a_dicom_series_is_ordered_and_mixed_series_refused(client):
+    files = _series([20.0, 10.0])
+    archive = zip_of({f"IM{i}": data for i, (data, _) in enumerate(files)})
+    body = post_study(client, [(archive, "s.zip")]).get_json()
+    assert [s["source"] for s in body["slices"]] == ["ZIP file 2", "ZIP file 1"]
+    mixed = _series([0.0, 1.0], series_uids=["1", "2"])
+    archive = zip_of({f"IM{i}": data for i, (data, _) in enumerate(mixed)})
+    assert post_study(client, [(archive, "s.zip")]).get_json()["error"]["code"] == "mixed_series"
+
+
+def test_series_falls_back_to_instance_number():
+    from brainmri.imaging.series import SeriesPosition
+    from brainmri.imaging.series import order_series
+
+    positions = [SeriesPosition("1", None, 3), SeriesPosition("1", None, 1),
+                 SeriesPosition("1", None, 2)]
+    assert order_series(positions) == [1, 2, 0]
+    unknown = [SeriesPosition(None, None, None), SeriesPosition(None, 2.0, 1)]
+    assert order_series(unknown) == [0, 1]  # not every file has a position or number: as sent
