@@ -38,6 +38,7 @@ from .metrics import record_study
 from .models import load_predictor
 from ..imaging import StudyLimits
 from ..imaging import read_study
+from ..inference import DEFAULT_RULE
 from ..inference import DISCLAIMER
 from ..inference import ModelError
 from ..inference import STUDY_COLUMNS
@@ -280,10 +281,8 @@ def probability_plot(result: StudyResult, width: int = 720, height: int = 220) -
                 {"x": point[0], "y": point[1], "index": item.index,
                  "p": item.tumor_probability})
             continue
-        if len(current) > 1:
+        if len(current) > 1:  # a lone scored slice between gaps is a dot, not a line
             segments.append(" ".join(f"{a},{b}" for a, b in current))
-        elif current:
-            pass
         current = []
         marker = {"x": x(item.index), "y": y(0.0), "index": item.index}
         (blank if item.blank else refused).append(marker)
@@ -291,7 +290,7 @@ def probability_plot(result: StudyResult, width: int = 720, height: int = 220) -
         segments.append(" ".join(f"{a},{b}" for a, b in current))
     threshold = None
     if result.summary.tumor_probability is not None:
-        threshold = y(_rule_threshold(result))
+        threshold = y(DEFAULT_RULE.threshold)
     ticks = sorted({0, count - 1, *range(0, count, max(1, (count // 8) or 1))})
     return {"width": width, "height": height, "left": left, "top": top,
             "plot_width": span_x, "plot_height": span_y, "bottom": top + span_y,
@@ -299,9 +298,3 @@ def probability_plot(result: StudyResult, width: int = 720, height: int = 220) -
             "blank": blank, "threshold_y": threshold,
             "y_ticks": [{"y": y(v), "label": f"{int(v * 100)}%"} for v in (0.0, 0.5, 1.0)],
             "x_ticks": [{"x": x(i), "label": str(i)} for i in ticks if i < count]}
-
-
-def _rule_threshold(result: StudyResult) -> float:
-    from ..inference import DEFAULT_RULE
-
-    return DEFAULT_RULE.threshold

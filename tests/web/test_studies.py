@@ -391,3 +391,14 @@ def test_series_falls_back_to_instance_number():
     assert order_series(positions) == [1, 2, 0]
     unknown = [SeriesPosition(None, None, None), SeriesPosition(None, 2.0, 1)]
     assert order_series(unknown) == [0, 1]  # not every file has a position or number: as sent
+
+
+def test_page_study_bigger_than_the_single_upload_limit_fits(app, client):
+    """The page's form token is read before the view; the study's own limits apply even so."""
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/studies").get_data(as_text=True)).group(1)
+    files = [(encode(synthetic_slice(160, seed), ".png"), f"s{seed}.png") for seed in range(6)]
+    response = client.post("/studies", data=slices_form(files, csrf_token=token),
+                           content_type="multipart/form-data")
+    assert response.status_code == 200
