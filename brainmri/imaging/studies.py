@@ -42,6 +42,7 @@ from .volumes import read_nifti
 __all__ = [
     "BLANK_AREA",
     "BLANK_RELATIVE_AREA",
+    "PREPARE_THREADS",
     "StudyLimits",
     "StudySlice",
     "Study",

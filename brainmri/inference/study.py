@@ -31,6 +31,7 @@ __all__ = [
     "StudySummary",
     "STUDY_COLUMNS",
     "screen_study",
+    "slice_csv_row",
     "summarise",
 ]
 
