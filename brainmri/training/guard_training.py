@@ -11,12 +11,21 @@ bound is set on the validation slices of every collection, and so is the bound o
 `--held-out` refits once per real category left out (and once per source of it, and per brain
 collection) and records, for every held-out image, how far it lay inside both bounds of the
 network that never saw its kind: that is the figure the guard is judged by.
+
+Brain folders without labels (`harvard_mri/`: slices of many diseases, never a class) are
+positives too (`load_unlabelled`). A collection the model's manifest does not cover (`brats/`
+before a classifier trains on it, `harvard_mri/` always) is split here by `splits.split_dataset`,
+which splits each collection by patient on its own with the manifest's seed: a classifier that
+later trains on it gets the same split, so its held-out patients stay held out of the guard too.
+The guard's own manifest is written beside it (`<out>.splits.json`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,10 +46,20 @@ from ..inference import ood
 from . import guard_trunk
 from . import ood_sets
 from . import reformats
+from . import splits as splitting
+from .dataset import CachedDataset
+from .dataset import discover
+from .dataset import iter_image_files
 from .dataset import load_datasets
+from .dataset import sequence_of
 
-__all__ = ["GuardConfig", "GuardData", "assemble", "drop_listed", "fit", "fit_distance", "margins",
-           "record_fold", "sample_epoch", "train_guardnet"]
+__all__ = ["GuardConfig", "GuardData", "assemble", "complete_manifest", "default_unlabelled_roots",
+           "drop_listed", "fit", "fit_distance", "load_unlabelled", "margins", "record_fold",
+           "sample_epoch", "train_guardnet", "UNLABELLED"]
+
+# The label of every slice of a brain folder without labels: a positive for the guard, never a
+# class (`load_unlabelled`).
+UNLABELLED = "unlabelled"
 
 
 @dataclass(frozen=True)
@@ -191,6 +210,13 @@ class GuardData:
     names: np.ndarray  # "<category>/<file>" of real negatives, "" for synthetic ones
     # Which val slices are sagittal or coronal reformats (`reformats.py`); None: none are.
     val_reformatted: np.ndarray | None = None
+    val_sequences: np.ndarray | None = None  # MRI sequence of each val slice; None: not known
+    # The test split of every collection (never trained or bounded on): what the fitted guard
+    # refuses of it is recorded beside the validation figures.
+    test: np.ndarray | None = None
+    test_collections: np.ndarray | None = None
+    test_sequences: np.ndarray | None = None
+    manifest: dict | None = None  # the split manifest used, completed (`complete_manifest`)
     # Trunk features of positives, negatives and val, computed once (`trunk_features_of`), and
     # the positives' k-means centres, once per set of positives (`_prototype_centres`).
     features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -228,22 +254,146 @@ def drop_listed(indices: np.ndarray, paths: list[str], listed: set[str]) -> np.n
     return np.array([i for i in indices if paths[i] not in listed], int)
 
 
+# `harvard_mri/` names its slices `<folder>_<case><3-digit slice>` (its README): neighbouring
+# numbers are neighbouring slices of one case, so the case prefix is the patient. The folder is
+# left out of the patient: a case may sit in more than one of the atlas's folders.
+_CASE_SLICE = re.compile(r"^.+_(?P<case>\d+)(?P<slice>\d{3})$")
+
+
+def _unlabelled_patient(path: Path) -> str:
+    match = _CASE_SLICE.match(path.stem)
+    return f"case {match['case']}" if match else ""
+
+
+def load_unlabelled(root: Path, size: int) -> CachedDataset:
+    """Brain MRI slices without labels (every image file under `root`) as a data set whose
+    labels are all `UNLABELLED`: positives and false-refusal checks for the guard, never a class.
+
+    Decoded as `load_dataset` does (`imaging.decode_image`, then `imaging.preprocess`); each
+    slice's patient is its case (`<folder>_<case><3-digit slice>` file names), else "" (the
+    split then groups near-duplicates). Files the decoder refuses are listed in `errors`.
+    """
+    from ..imaging import decode_image
+    from ..imaging import preprocess as preprocess_grey
+    from .dedup import perceptual_hash
+
+    root = Path(root).resolve()
+    collection = root.name
+    images, paths, hashes, sequences, patients, errors = [], [], [], [], [], {}
+    for path in iter_image_files([root]):
+        rel = f"{collection}/{path.relative_to(root).as_posix()}"
+        try:
+            grey = decode_image(path.read_bytes())
+        except (ImageError, OSError) as exc:
+            errors[rel] = getattr(exc, "message", type(exc).__name__)
+            continue
+        images.append(preprocess_grey(grey, size))
+        hashes.append(perceptual_hash(grey))
+        paths.append(rel)
+        sequences.append(sequence_of(path))
+        patients.append(_unlabelled_patient(path))
+    n = len(paths)
+    stacked = (np.stack(images).astype(np.float32) if images
+               else np.zeros((0, size, size, 1), np.float32))
+    return CachedDataset({collection: root}, stacked, [UNLABELLED] * n, ["train"] * n, paths,
+                         np.array(hashes, dtype=np.uint64), errors, sequences, patients)
+
+
+def default_unlabelled_roots() -> list[Path]:
+    """Brain folders without labels the guard also learns from: `$BRAINMRI_UNLABELLED_DATA`
+    (folders separated by the path separator; empty: none), else `harvard_mri/` beside the
+    data sets (`../shared/data/harvard_mri`) when it is there."""
+    listed = os.environ.get("BRAINMRI_UNLABELLED_DATA")
+    if listed is not None:
+        return [Path(p) for p in listed.split(os.pathsep) if p]
+    default = ood_sets.default_ood_root().parent / "harvard_mri"
+    return [default] if default.is_dir() else []
+
+
+def _is_labelled(root: Path) -> bool:
+    try:
+        discover(root)
+    except ValueError:
+        return False
+    return True
+
+
+def _concatenate(parts: list[CachedDataset]) -> CachedDataset:
+    if len(parts) == 1:
+        return parts[0]
+    names = [name for part in parts for name in part.roots]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Data roots must have different folder names, got {names}.")
+    return CachedDataset(
+        {name: path for part in parts for name, path in part.roots.items()},
+        np.concatenate([p.images for p in parts]),
+        [x for p in parts for x in p.labels], [x for p in parts for x in p.sources],
+        [x for p in parts for x in p.paths], np.concatenate([p.hashes for p in parts]),
+        {k: v for p in parts for k, v in p.errors.items()},
+        [x for p in parts for x in p.sequences], [x for p in parts for x in p.patients])
+
+
+def complete_manifest(manifest: dict, data: CachedDataset) -> dict:
+    """`manifest` with a split of every collection of `data` it does not cover.
+
+    Each such collection is split on its own by `splits.split_dataset` with the manifest's seed
+    and group distance (by patient where it names them): the split a classifier trained on it
+    with that seed gets, whatever other collections it loads. Its collections are listed
+    under "split_here".
+    """
+    covered = splitting.trained_collections(manifest)
+    missing = [c for c in data.roots if c not in covered]
+    if not missing:
+        return manifest
+    collections = np.array(data.collections)
+    idx = np.flatnonzero(np.isin(collections, missing))
+    plan = splitting.split_dataset(
+        data.subset(idx), seed=int(manifest.get("seed", 42)),
+        group_distance=int(manifest.get("group_distance", splitting.dedup.DEFAULT_MAX_DISTANCE)))
+    splits = {name: list(paths) for name, paths in splitting.manifest_splits(manifest).items()}
+    for name in (*splitting.SPLITS, splitting.OFFICIAL_TEST):
+        added = [data.paths[i] for i, where in zip(idx, plan.assignment) if where == name]
+        if added or name in splits:
+            splits[name] = splits.get(name, []) + added
+    return {"root": "+".join([*covered, *missing]), "collections": [*covered, *missing],
+            "seed": int(manifest.get("seed", 42)),
+            "group_distance": int(manifest.get("group_distance",
+                                               splitting.dedup.DEFAULT_MAX_DISTANCE)),
+            "split_here": [*manifest.get("split_here", []), *missing],
+            "splits": dict(sorted(splits.items()))}
+
+
 def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int = 128,
              config: GuardConfig = GuardConfig(), cache_dir: Path | None = None,
-             progress=None) -> GuardData:
+             progress=None, unlabelled_roots: list[Path] | None = None) -> GuardData:
     """Load positives (train/val of `manifest`, less slices an audit found not to be MRI),
-    real negatives and synthetic negatives."""
+    real negatives and synthetic negatives.
+
+    `data_roots` may include brain folders without labels (`load_unlabelled`), and so may
+    `unlabelled_roots` (default `default_unlabelled_roots()`; one already in `data_roots` is
+    loaded once). Collections `manifest` does not cover are split here (`complete_manifest`).
+    """
     from .trust import _split_indices
     from .trust import listed_not_mri
     from .trust import synthetic_negative_files
 
-    data = load_datasets(data_roots, size, cache_dir=cache_dir, progress=progress)
+    roots = [Path(r) for r in data_roots]
+    extra = default_unlabelled_roots() if unlabelled_roots is None else list(unlabelled_roots)
+    named = {r.resolve().name for r in roots}
+    roots += [Path(r) for r in extra if Path(r).resolve().name not in named]
+    labelled = [r for r in roots if _is_labelled(r)]
+    parts = [load_datasets(labelled, size, cache_dir=cache_dir, progress=progress)] if labelled else []
+    parts += [load_unlabelled(r, size) for r in roots if r not in labelled]
+    data = _concatenate(parts)
+    manifest = complete_manifest(manifest, data)
     splits = _split_indices(data, manifest)
     collections = np.array(data.collections)
+    sequences = np.array(data.sequences)
     # Head CT filed among SARTAJ's MRI (audits/*.tsv) is no brain MRI slice: the guard must not
     # learn it as one, nor make patches and inversions of it.
     train = drop_listed(splits["train"], data.paths, listed_not_mri())
     val = splits["val"]
+    test = drop_listed(splits.get("test", np.zeros(0, int)), data.paths, listed_not_mri())
     inputs, categories, sources, names = [], [], [], []
     for negative in ood_sets.real_negatives(ood_root):
         try:
@@ -278,6 +428,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
     positives, val_u8 = [train_u8], [_to_u8(data.images[val])]
     positive_groups, val_groups = [collections[train]], [collections[val]]
     val_reformatted = [np.zeros(len(val), bool)]
+    val_sequences = [sequences[val]]
     if config.zoomed_in:
         picked = np.linspace(0, len(train) - 1, min(config.zoomed_in, len(train))).astype(int)
         positives.append(_to_u8(np.stack([zoomed_in(train_u8[i, :, :, 0], rng,
@@ -295,11 +446,16 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
                     groups.append(np.full(len(made), collection))
                     if split is val:
                         val_reformatted.append(np.ones(len(made), bool))
+                        val_sequences.append(np.array([r.sequence for r in made]))
     return GuardData(guardnet.shrink(np.concatenate(positives), side),
                      np.concatenate(positive_groups),
                      guardnet.shrink(np.concatenate(val_u8), side), np.concatenate(val_groups),
                      guardnet.shrink(_to_u8(np.stack(inputs)), side), np.array(categories),
-                     np.array(sources), np.array(names), np.concatenate(val_reformatted))
+                     np.array(sources), np.array(names), np.concatenate(val_reformatted),
+                     val_sequences=np.concatenate(val_sequences),
+                     test=guardnet.shrink(_to_u8(data.images[test]), side),
+                     test_collections=collections[test], test_sequences=sequences[test],
+                     manifest=manifest)
 
 
 def trunk_features_of(data: GuardData, progress=None) -> dict[str, np.ndarray]:
@@ -331,6 +487,12 @@ def _distance_bound(distances: np.ndarray, config: GuardConfig) -> float:
     """The distance's bound: its validation tail, widened by the cross-fitted margin."""
     margin = ood.choose_margin(distances, config.distance_tail, config.max_distance_refusal)
     return float(ood._bound(distances, "high", config.distance_tail, margin)[1])
+
+
+def _refused(net: guardnet.GuardNet, images: np.ndarray, bound: float,
+             distance_bound: float) -> np.ndarray:
+    """Refused by either bound of the served network."""
+    return np.minimum(*margins(net, images, bound, distance_bound)) < 0
 
 
 def margins(net: guardnet.GuardNet, images: np.ndarray, bound: float,
@@ -475,6 +637,9 @@ def held_out(data: GuardData, config: GuardConfig, categories: list[str] | None 
             report["collections"][collection]["reformats"] = {
                 "images": int((~native).sum()),
                 "falsely_refused": round(float(refused[~native].mean()), 4)}
+        if data.val_sequences is not None:
+            report["collections"][collection]["by_sequence"] = _by_sequence(
+                refused[native], data.val_sequences[theirs][native])
         if progress:
             progress(f"held out brain collection {collection}: {rate:.3f} of its val refused"
                      + (f" ({refused[~native].mean():.3f} of its reformats)"
@@ -515,6 +680,27 @@ def _source_folds(data: GuardData, category: str, config: GuardConfig, report: d
                  f"{sum(t['refused'] for t in tally)}/{sum(t['images'] for t in tally)}")
 
 
+def _by_sequence(refused: np.ndarray, sequences: np.ndarray) -> dict[str, dict[str, Any]]:
+    """{sequence: {"images", "falsely_refused"}} of the slices whose file names a sequence."""
+    return {sequence: {"images": int((sequences == sequence).sum()),
+                       "falsely_refused": round(float(refused[sequences == sequence].mean()), 4)}
+            for sequence in sorted(set(sequences.tolist()) - {"unspecified"})}
+
+
+def _refusals_by_collection(refused: np.ndarray, collections: np.ndarray,
+                            sequences: np.ndarray | None) -> dict[str, dict[str, Any]]:
+    """Refused share of each collection's slices (and of each sequence in it)."""
+    out = {}
+    for collection in sorted(set(collections.tolist())):
+        mine = collections == collection
+        out[collection] = {"images": int(mine.sum()),
+                           "falsely_refused": round(float(refused[mine].mean()), 4),
+                           "refused": int(refused[mine].sum())}
+        if sequences is not None and set(sequences[mine].tolist()) - {"unspecified"}:
+            out[collection]["by_sequence"] = _by_sequence(refused[mine], sequences[mine])
+    return out
+
+
 def record_fold(report: dict[str, Any], category: str, names: np.ndarray,
                 logit_margins: np.ndarray, distance_margins: np.ndarray) -> None:
     """Enter one held-out category's margins and tally (refused: either margin negative)."""
@@ -540,13 +726,21 @@ def _record_margins(report: dict[str, Any], names: np.ndarray, logit_margins: np
 def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
         held_out_report: dict[str, Any] | None = None, command: str | None = None,
         splits_sha256: str | None = None, progress=None) -> dict[str, Any]:
-    """Train on everything, set the bound on validation, write `<out>.h5` and `<out>.json`."""
+    """Train on everything, set the bound on validation, write `<out>.h5` and `<out>.json` (and
+    `<out>.splits.json`, the guard's manifest, when collections were split here)."""
     started = time.monotonic()
     fitted = _train_and_bound(data, np.ones(len(data.negatives), bool),
                               np.ones(len(data.positives), bool), config, progress)
     bound, distance_bound = fitted.bound, fitted.distance_bound
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    given_splits_sha256 = None
+    if data.manifest is not None and data.manifest.get("split_here"):
+        # The guard's own manifest (the model's, plus the collections split here) beside it.
+        manifest_path = splitting.splits_path_for(out_path)
+        manifest_path.write_text(json.dumps(data.manifest, indent=1) + "\n")
+        given_splits_sha256 = splits_sha256
+        splits_sha256 = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     model = fitted.model()
     model.save(out_path)
     onnx_sha256 = guardnet.write_onnx(model, out_path.with_suffix(".onnx"))
@@ -574,10 +768,17 @@ def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
             c: round(float(refused[(data.val_collections == c) & ~data.val_native].mean()), 4)
             for c in sorted(set(data.val_collections[~data.val_native].tolist()))}}
            if (~data.val_native).any() else {}),
+        # The test split of every collection (never trained or bounded on), as served by the
+        # network alone (the served guard's fixed rules, e.g. almost-black files, come on top).
+        **({"test_refusal": _refusals_by_collection(
+            _refused(net, data.test, bound, distance_bound), data.test_collections,
+            data.test_sequences)} if data.test is not None and len(data.test) else {}),
         "positives": dict(sorted(Counter(data.collections.tolist()).items())),
         "negatives": dict(sorted(Counter(data.categories.tolist()).items())),
         "config": asdict(config),
         **({"splits_sha256": splits_sha256} if splits_sha256 else {}),
+        **({"splits_from_sha256": given_splits_sha256, "split_here": data.manifest["split_here"]}
+           if given_splits_sha256 else {}),
         "wall_seconds": round(time.monotonic() - started, 1),
         **({"command": command} if command else {}),
         **({"held_out": held_out_report} if held_out_report else {}),
