@@ -118,7 +118,7 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
               show_default=True,
               help="collection: each collection draws alike, its classes evenly; cell: each "
                    "(collection, class) draws alike.")
-@click.option("--contrast", type=click.Choice(["none", "gin"]), default="gin", show_default=True,
+@click.option("--contrast", type=click.Choice(["none", "gin"]), default="none", show_default=True,
               help="Random tissue contrast in training (gin: random shallow convolutions and "
                    "intensity curves), so that the answer follows the anatomy, not one sequence.")
 @click.option("--skull-strip", default=0.25, show_default=True,
@@ -145,7 +145,7 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
                   epochs: int, epoch_images: int, min_resolution: float, balance: str,
                   max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
-                  cache_dir: Path | None, contrast: str = "gin", skull_strip: float = 0.25,
+                  cache_dir: Path | None, contrast: str = "none", skull_strip: float = 0.25,
                   exclude_sequences: tuple[str, ...] = ()) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
     from . import training
