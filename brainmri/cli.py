@@ -232,8 +232,28 @@ def evaluate_command(data: tuple[Path, ...], model_path: Path | None, out: Path,
             for name, m in report["sets"].items()
         }
         meta["pointing"] = report["pointing"]
+        meta["reliability"] = _reliability(report)
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         click.echo(f"Updated {meta_path}")
+
+
+# Sets the model never trained or validated on (patients, collections, near-copies).
+_HELD_OUT_SUFFIXES = ("/test", "/unseen", "/official_test_novel")
+
+
+def _reliability(report: dict) -> dict:
+    """How the answers shown as confident fared on every held-out set, and the worst of them
+    (the figure the result page quotes)."""
+    sets = {name: c["served"] for name, c in (report.get("trust") or {}).get("calibration", {}).items()
+            if name.endswith(_HELD_OUT_SUFFIXES) and c.get("served", {}).get("precision") is not None}
+    if not sets:
+        return {}
+    worst = min(sets, key=lambda name: sets[name]["precision"])
+    return {"sets": {name: {k: v for k, v in s.items() if k != "by_sequence"}
+                     for name, s in sets.items()},
+            "worst": {"set": worst, **{k: sets[worst][k] for k in ("precision", "coverage", "images")}},
+            "measured_by": "brainmri evaluate --write-metadata (guard, calibration and the "
+                           "uncertain rule as served)"}
 
 
 def _echo_trust(trust: dict) -> None:
@@ -244,6 +264,10 @@ def _echo_trust(trust: dict) -> None:
                f"uncertain below {trust['uncertain_below']}")
     for name, c in trust["calibration"].items():
         flagged = f" uncertain={c['uncertain_rate']:.4f}" if "uncertain_rate" in c else ""
+        served = c.get("served")
+        if served and served.get("precision") is not None:
+            flagged += (f" confident {served['coverage']:.4f} of slices, right "
+                        f"{served['precision']:.4f}")
         click.echo(f"{name:>20}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} "
                    f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}{flagged}")
     for name, r in trust["false_refusal"].items():

@@ -154,6 +154,7 @@ def predict() -> ResponseReturnValue:
         tumor_percentage=round(100 - percentages["no_tumor"], 1),
         uncertain=prediction.uncertain,
         uncertain_below=uploads.uncertain_below(uploads.current_predictor(model)),
+        reliability=(uploads.current_predictor(model).card.raw.get("reliability") or {}).get("worst"),
         description=CLASS_DESCRIPTIONS.get(prediction.label, ""),
         preview=preview_data_uri(result.model_input),
         heatmap=overlay_data_uri(result.explanation.heatmap) if result.explanation else None,

@@ -289,3 +289,38 @@ def test_every_page_links_the_icon(client, pages, png_bytes):
     assert link in client.get("/").get_data(as_text=True)
     assert link in pages.upload(png_bytes).get_data(as_text=True)
     assert link in client.get("/missing").get_data(as_text=True)
+
+
+def test_atypical_slice_is_uncertain_even_when_its_score_is_high(pages, predictor, png_bytes,
+                                                                  monkeypatch):
+    """The feature-distance half of the rule: a high score on an atypical slice is no finding."""
+    from dataclasses import replace
+
+    real = predictor.predict_checked_batch
+
+    def atypical(*args, **kwargs):
+        return [replace(result, uncertain=True) for result in real(*args, **kwargs)]
+
+    monkeypatch.setattr(predictor, "predict_checked_batch", atypical)
+    predictor.probabilities = {"glioma": 0.02, "meningioma": 0.02, "no_tumor": 0.94,
+                               "pituitary": 0.02}
+    html = " ".join(pages.upload(png_bytes).get_data(as_text=True).split())
+    assert 'data-uncertain="true"' in html
+    assert "looks unlike the training slices of “no tumor”" in html
+    assert "No class reached" not in html
+
+
+def test_reliability_note_quotes_the_measured_held_out_figure(pages, predictor, png_bytes):
+    """The note quotes the worst held-out set's confident precision from the metadata."""
+    predictor.card.raw["reliability"] = {"worst": {"set": "brats/test", "precision": 0.913,
+                                                   "coverage": 0.42, "images": 232}}
+    html = " ".join(pages.upload(png_bytes).get_data(as_text=True).split())
+    assert "(brats/test: patients or images it never trained on)" in html
+    assert "were right 91% of the time" in html and "answered 42% of those slices" in html
+
+
+def test_reliability_note_claims_no_figure_without_one(pages, png_bytes):
+    """Before `brainmri evaluate --write-metadata` the note quotes no number."""
+    html = " ".join(pages.upload(png_bytes).get_data(as_text=True).split())
+    assert "were right" not in html
+    assert "even a confident answer can be wrong" in html
