@@ -211,8 +211,10 @@ class GuardData:
     # Which val slices are sagittal or coronal reformats (`reformats.py`); None: none are.
     val_reformatted: np.ndarray | None = None
     val_sequences: np.ndarray | None = None  # MRI sequence of each val slice; None: not known
-    # The test split of every collection (never trained or bounded on): what the fitted guard
-    # refuses of it is recorded beside the validation figures.
+    # The test split of every collection (never trained or bounded on), as the model inputs an
+    # upload of each file gives (float, not shrunk: the served network shrinks them itself, and a
+    # slice right at a bound can fall either side of it when rounded to 8 bits first): what the
+    # fitted guard refuses of it is recorded beside the validation figures.
     test: np.ndarray | None = None
     test_collections: np.ndarray | None = None
     test_sequences: np.ndarray | None = None
@@ -453,7 +455,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
                      guardnet.shrink(_to_u8(np.stack(inputs)), side), np.array(categories),
                      np.array(sources), np.array(names), np.concatenate(val_reformatted),
                      val_sequences=np.concatenate(val_sequences),
-                     test=guardnet.shrink(_to_u8(data.images[test]), side),
+                     test=data.images[test],
                      test_collections=collections[test], test_sequences=sequences[test],
                      manifest=manifest)
 
@@ -701,6 +703,24 @@ def _refusals_by_collection(refused: np.ndarray, collections: np.ndarray,
     return out
 
 
+def _served(net: guardnet.GuardNet, out_path: Path) -> guardnet.GuardNet:
+    """The network as a worker runs it: its ONNX copy when onnxruntime is there (a slice right
+    at a bound can fall either side of it in Keras and in ONNX)."""
+    import importlib.util
+
+    onnx = Path(out_path).with_suffix(".onnx")
+    if onnx.is_file() and importlib.util.find_spec("onnxruntime"):
+        return guardnet.GuardNet(onnx_path=onnx, embedding=net.embedding)
+    return net
+
+
+def refusals_of_test_split(net: guardnet.GuardNet, data: GuardData, bound: float,
+                 distance_bound: float) -> dict[str, dict[str, Any]]:
+    """What `net` refuses of each collection's test split (and of each sequence in it)."""
+    return _refusals_by_collection(_refused(net, data.test, bound, distance_bound),
+                                   data.test_collections, data.test_sequences)
+
+
 def record_fold(report: dict[str, Any], category: str, names: np.ndarray,
                 logit_margins: np.ndarray, distance_margins: np.ndarray) -> None:
     """Enter one held-out category's margins and tally (refused: either margin negative)."""
@@ -768,11 +788,11 @@ def fit(data: GuardData, out_path: Path, config: GuardConfig = GuardConfig(),
             c: round(float(refused[(data.val_collections == c) & ~data.val_native].mean()), 4)
             for c in sorted(set(data.val_collections[~data.val_native].tolist()))}}
            if (~data.val_native).any() else {}),
-        # The test split of every collection (never trained or bounded on), as served by the
-        # network alone (the served guard's fixed rules, e.g. almost-black files, come on top).
-        **({"test_refusal": _refusals_by_collection(
-            _refused(net, data.test, bound, distance_bound), data.test_collections,
-            data.test_sequences)} if data.test is not None and len(data.test) else {}),
+        # The test split of every collection (never trained or bounded on), as served: by the
+        # ONNX copy (`_served`), the network alone (the served guard's fixed rules, e.g.
+        # almost-black files, come on top).
+        **({"test_refusal": refusals_of_test_split(_served(net, out_path), data, bound, distance_bound)}
+           if data.test is not None and len(data.test) else {}),
         "positives": dict(sorted(Counter(data.collections.tolist()).items())),
         "negatives": dict(sorted(Counter(data.categories.tolist()).items())),
         "config": asdict(config),
