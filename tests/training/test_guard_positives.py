@@ -72,9 +72,11 @@ def test_completing_a_manifest_splits_only_the_collections_it_lacks_by_patient()
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_the_guards_brats_split_is_the_split_a_classifier_trained_with_brats_gets():
-    """Each collection is split on its own: BraTS loaded with SARTAJ and LGG (as the lead's
-    classifiers train) splits exactly as BraTS alone, which is what the guard used."""
+def test_brats_splits_the_same_alone_and_beside_the_other_collections():
+    """Each collection is split on its own: BraTS loaded with SARTAJ and LGG (as the
+    classifiers train) splits exactly as BraTS alone (as `complete_manifest` splits a
+    collection a model's manifest lacks), so a guard never trains on a classifier's test
+    patients."""
     from brainmri.training.dataset import load_datasets
 
     roots = [REAL_DATA, REAL_DATA.parent / "lgg", REAL_DATA.parent / "brats"]
@@ -84,9 +86,7 @@ def test_the_guards_brats_split_is_the_split_a_classifier_trained_with_brats_get
     together = load_datasets(roots, 128)
     brats = np.array(together.collections) == "brats"
     with_others = splits.split_dataset(together, seed=42).assignment[brats]
-    guard_manifest = Path(__file__).resolve().parents[2] / "model" / "guard" / \
-        "brainmri_guard.splits.json"
-    side = {path: name for name, paths in json.loads(guard_manifest.read_text())["splits"].items()
-            for path in paths}
-    paths = np.array(together.paths)[brats]
-    assert [side.get(p, "excluded") for p in paths] == with_others.tolist()
+    alone = load_datasets(roots[-1:], 128)
+    assert alone.paths == np.array(together.paths)[brats].tolist()
+    assert splits.split_dataset(alone, seed=42).assignment.tolist() == with_others.tolist()
+    assert {"train", "val", "test"} <= set(with_others.tolist())
