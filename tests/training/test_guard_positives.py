@@ -7,7 +7,6 @@ are missing, except under CI=true, where it fails.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
