@@ -205,7 +205,11 @@ def colourfulness(pixels: np.ndarray, max_side: int = 256) -> float:
         pixels = (pixels >> 8).astype(np.uint8)
     scale = max_side / max(pixels.shape[:2])
     if scale < 1:
-        pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        height, width = pixels.shape[:2]
+        # A side that would shrink to nothing (a 1 × 600 strip) keeps one pixel.
+        shrunk = (None if round(height * scale) >= 1 and round(width * scale) >= 1
+                  else (max(1, round(width * scale)), max(1, round(height * scale))))
+        pixels = cv2.resize(pixels, shrunk, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     # Per-pixel max and min over the channels with OpenCV, in 8 bits, summed as integers: the
     # same value as NumPy's max(axis=2) - min(axis=2) in float32 (to rounding), in a tenth of
     # the time (NumPy reduces a 3-long last axis slowly: 6 ms of a 14 ms upload).

@@ -53,6 +53,15 @@ PREPROCESSING = {
 }
 
 
+def _at_least_one_pixel(array: np.ndarray, scale: float) -> tuple[int, int] | None:
+    """None (let `fx`/`fy` decide, as every model was trained) unless `scale` would shrink a
+    side to nothing (a 1 × 600 strip), then a size of at least one pixel a side."""
+    height, width = array.shape[:2]
+    if round(height * scale) >= 1 and round(width * scale) >= 1:
+        return None
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def to_uint8(gray: np.ndarray) -> np.ndarray:
     """Map any-range grayscale to uint8 using its 0.5/99.5 percentiles (robust to outliers)."""
     low, high = np.percentile(gray, (0.5, 99.5))
@@ -136,7 +145,8 @@ def locate_head(gray: np.ndarray, margin: float = 0.04) -> HeadCrop:
     scale = min(1.0, small_side / max(inner.shape))
     thumb = inner
     if scale < 1:
-        thumb = cv2.resize(inner, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        thumb = cv2.resize(inner, _at_least_one_pixel(inner, scale), fx=scale, fy=scale,
+                           interpolation=cv2.INTER_AREA)
     thumb = cv2.GaussianBlur(to_uint8(thumb), (5, 5), 0)
     # Half of Otsu's level keeps dark brain tissue attached to the skull, so a bright tumor
     # is never mistaken for the whole head.

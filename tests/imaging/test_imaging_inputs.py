@@ -210,3 +210,12 @@ def test_colourfulness_gives_numpys_value():
         reference = (wide.max(axis=2) - wide.min(axis=2)).mean() / 255.0
         assert colourfulness(bgr) == pytest.approx(reference, abs=1e-9)
     assert colourfulness(np.full((40, 40, 3), 7, np.uint8)) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (600, 1), (2, 5000)])
+def test_a_thin_strip_is_prepared_not_crashed(shape):
+    """A side that the head-finding thumbnail would shrink to nothing keeps one pixel (the
+    HTTP fuzz test once found a 500 here: OpenCV refuses an empty size)."""
+    strip = np.random.default_rng(0).random(shape).astype(np.float32) * 255
+    out = preprocess(strip, 64)
+    assert out.shape == (64, 64, 1) and np.isfinite(out).all()
