@@ -68,6 +68,18 @@ def require_lgg_data() -> Path:
     _missing_data(f"LGG collection not found at {LGG_DATA} (set BRAINMRI_LGG_DATA to the lgg folder)")
 
 
+# The third collection: $BRAINMRI_BRATS_DATA, else ../shared/data/brats beside the checkout.
+BRATS_DATA = Path(os.environ.get("BRAINMRI_BRATS_DATA", REAL_DATA.parent / "brats"))
+
+
+def require_brats_data() -> Path:
+    """The BraTS collection's folder; skip with the reason when it is missing, fail under CI=true."""
+    if (BRATS_DATA / "slices.csv").is_file() and (BRATS_DATA / "glioma").is_dir():
+        return BRATS_DATA
+    _missing_data(f"BraTS collection not found at {BRATS_DATA} "
+                  "(set BRAINMRI_BRATS_DATA to the brats folder)")
+
+
 FAKE_PROBABILITIES = {"glioma": 0.625, "meningioma": 0.2, "no_tumor": 0.125, "pituitary": 0.05}
 
 

@@ -1,7 +1,8 @@
 """Regression tests of the shipped model on the real collections (inference is deterministic).
 
-SARTAJ is read from $BRAINMRI_DATA, else ../shared/data/sartaj, and LGG from $BRAINMRI_LGG_DATA,
-else ../shared/data/lgg, beside the checkout. When one is missing these tests skip with the
+SARTAJ is read from $BRAINMRI_DATA, else ../shared/data/sartaj, LGG from $BRAINMRI_LGG_DATA,
+else ../shared/data/lgg, and BraTS from $BRAINMRI_BRATS_DATA, else ../shared/data/brats, beside
+the checkout. When one is missing these tests skip with the
 reason, except under CI=true, where they fail.
 """
 
@@ -16,6 +17,7 @@ from brainmri.config import DEFAULTS
 from brainmri.inference import CLASSES
 
 from conftest import REAL_DATA
+from conftest import require_brats_data
 from conftest import require_lgg_data
 from conftest import require_real_data
 
@@ -31,7 +33,9 @@ def shipped():
     from brainmri.training.dataset import load_datasets
     from brainmri.inference import Predictor
 
-    roots = [require_real_data(), require_lgg_data()]
+    # BraTS too: the model never trained on it, and its report scores it as unseen
+    # (leave-one-collection-out), so every recorded set can be recomputed.
+    roots = [require_real_data(), require_lgg_data(), require_brats_data()]
     predictor = Predictor.from_path(MODEL)  # verifies the sha256 in the metadata
     predictor.load()
     return predictor, load_datasets(roots, predictor.input_size)
