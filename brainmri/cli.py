@@ -121,9 +121,9 @@ _DATA_HELP = ("Data set folder (repeat for several collections): Training/<class
 @click.option("--contrast", type=click.Choice(["none", "gin"]), default="none", show_default=True,
               help="Random tissue contrast in training (gin: random shallow convolutions and "
                    "intensity curves), so that the answer follows the anatomy, not one sequence.")
-@click.option("--skull-strip", default=0.25, show_default=True,
+@click.option("--skull-strip", default=0.0, show_default=True,
               help="Share of training images given a skull-stripped look (research volumes "
-                   "such as BraTS are brain-extracted); 0 turns it off.")
+                   "such as BraTS are brain-extracted); the shipped CNN used 0.")
 @click.option("--exclude-sequence", "exclude_sequences", multiple=True,
               type=click.Choice(["t1", "t1c", "t2", "flair"]),
               help="Leave this sequence out of training and validation (leave-one-sequence-out); "
@@ -145,7 +145,7 @@ def train_command(data: tuple[Path, ...], out: Path, arch: str, weights: str, na
                   epochs: int, epoch_images: int, min_resolution: float, balance: str,
                   max_minutes: float, size: int, batch_size: int, learning_rate: float | None,
                   seed: int, group_distance: int | None, exclude_test_duplicates: bool,
-                  cache_dir: Path | None, contrast: str = "none", skull_strip: float = 0.25,
+                  cache_dir: Path | None, contrast: str = "none", skull_strip: float = 0.0,
                   exclude_sequences: tuple[str, ...] = ()) -> None:
     """Train a network on leakage-free splits and write <name>.h5 with its metadata."""
     from . import training
