@@ -34,6 +34,7 @@ __all__ = [
     "SEQUENCES",
     "CachedDataset",
     "Sample",
+    "concatenate",
     "default_cache_dir",
     "discover",
     "iter_image_files",
@@ -334,7 +335,15 @@ def load_datasets(
         ValueError: two roots share a folder name (the collection name must be unique).
     """
     roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
-    parts = [load_dataset(r, size, cache_dir, workers, progress) for r in roots]
+    return concatenate([load_dataset(r, size, cache_dir, workers, progress) for r in roots])
+
+
+def concatenate(parts: list[CachedDataset]) -> CachedDataset:
+    """Several collections' data sets as one, in order.
+
+    Raises:
+        ValueError: two parts share a collection name.
+    """
     names = [name for part in parts for name in part.roots]
     if len(set(names)) != len(names):
         raise ValueError(f"Data roots must have different folder names, got {names}.")

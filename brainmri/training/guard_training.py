@@ -48,6 +48,7 @@ from . import ood_sets
 from . import reformats
 from . import splits as splitting
 from .dataset import CachedDataset
+from .dataset import concatenate
 from .dataset import discover
 from .dataset import iter_image_files
 from .dataset import load_datasets
@@ -320,21 +321,6 @@ def _is_labelled(root: Path) -> bool:
     return True
 
 
-def _concatenate(parts: list[CachedDataset]) -> CachedDataset:
-    if len(parts) == 1:
-        return parts[0]
-    names = [name for part in parts for name in part.roots]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Data roots must have different folder names, got {names}.")
-    return CachedDataset(
-        {name: path for part in parts for name, path in part.roots.items()},
-        np.concatenate([p.images for p in parts]),
-        [x for p in parts for x in p.labels], [x for p in parts for x in p.sources],
-        [x for p in parts for x in p.paths], np.concatenate([p.hashes for p in parts]),
-        {k: v for p in parts for k, v in p.errors.items()},
-        [x for p in parts for x in p.sequences], [x for p in parts for x in p.patients])
-
-
 def complete_manifest(manifest: dict, data: CachedDataset) -> dict:
     """`manifest` with a split of every collection of `data` it does not cover.
 
@@ -386,7 +372,7 @@ def assemble(data_roots: list[Path], manifest: dict, ood_root: Path, size: int =
     labelled = [r for r in roots if _is_labelled(r)]
     parts = [load_datasets(labelled, size, cache_dir=cache_dir, progress=progress)] if labelled else []
     parts += [load_unlabelled(r, size) for r in roots if r not in labelled]
-    data = _concatenate(parts)
+    data = concatenate(parts)
     manifest = complete_manifest(manifest, data)
     splits = _split_indices(data, manifest)
     collections = np.array(data.collections)

@@ -36,6 +36,7 @@ from .metrics import record_prediction
 from .metrics import record_refusal
 from .metrics import record_study
 from .models import load_predictor
+from .views import preview_data_uri
 from ..imaging import StudyLimits
 from ..imaging import read_study
 from ..inference import DEFAULT_RULE
@@ -220,14 +221,6 @@ def _heatmaps(items) -> dict[int, str]:
     return {item.index: overlay_data_uri(cam) for item, cam in zip(items, cams)}
 
 
-def _png_uri(model_input: np.ndarray) -> str:
-    pixels = np.clip(model_input[..., 0] * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise RuntimeError("PNG encoding of a study slice failed")
-    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
-
-
 def _card(item, heatmap: str | None) -> dict:
     """What the page shows of one detailed slice."""
     from .views import rounded_percentages
@@ -236,7 +229,7 @@ def _card(item, heatmap: str | None) -> dict:
     percentages = rounded_percentages(prediction.probabilities)
     return {"item": item, "prediction": prediction, "percentages": percentages,
             "tumor_percentage": round(100 - percentages["no_tumor"], 1),
-            "preview": _png_uri(item.outcome.model_input), "heatmap": heatmap,
+            "preview": preview_data_uri(item.outcome.model_input), "heatmap": heatmap,
             "size": item.outcome.model_input.shape[0]}
 
 

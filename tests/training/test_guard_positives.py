@@ -15,6 +15,7 @@ import pytest
 from brainmri.training import guard_training
 from brainmri.training import splits
 from brainmri.training.dataset import CachedDataset
+from brainmri.training.dataset import concatenate
 
 from conftest import _missing_data
 from conftest import REAL_DATA
@@ -53,7 +54,7 @@ def test_completing_a_manifest_splits_only_the_collections_it_lacks_by_patient()
     new = _toy("new", [f"p{i // 5}" for i in range(100)])  # 20 patients, 5 slices each
     manifest = {"root": "known", "collections": ["known"], "seed": 42, "group_distance": 4,
                 "splits": {"train": ["known/0.jpg"], "val": ["known/1.jpg"], "test": []}}
-    both = guard_training._concatenate([known, new])
+    both = concatenate([known, new])
     done = guard_training.complete_manifest(manifest, both)
     assert done["collections"] == ["known", "new"] and done["split_here"] == ["new"]
     assert done["splits"]["train"][0] == "known/0.jpg" and done["splits"]["val"][0] == "known/1.jpg"
