@@ -362,15 +362,16 @@ class Predictor:
         screen = self.guard if guard else None
         verdicts = (screen.assess_many(images, colours, features, peaks)
                     if screen is not None else None)
+        calibrated = self.calibrate(probs)
         # Unlike the training slices of the class it was given: never a confident answer,
         # whatever the probability says (the low-probability half of the rule is the caller's).
-        atypical = self.atypical(self.calibrate(probs), features)
+        atypical = self.atypical(calibrated, features)
         results: list[Prediction | NotBrainMRI] = []
         for i in range(len(images)):
             if verdicts is not None and verdicts[i].refused:
                 results.append(NotBrainMRI(verdicts[i]))
                 continue
-            prediction = self._to_prediction(probs[i])
+            prediction = Prediction.from_probabilities(dict(zip(self.labels, calibrated[i].tolist())))
             results.append(replace(prediction, uncertain=True) if atypical[i] else prediction)
         return results
 

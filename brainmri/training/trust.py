@@ -623,15 +623,17 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
             "nll_before": round(calibration.negative_log_likelihood(probs, y[indices]), 4),
             "nll_after": round(calibration.negative_log_likelihood(calibrated, y[indices]), 4),
         }
+        measured = {"emb": emb, "features": features, "descriptors": descriptors}
+        # The guard's verdicts, once per set: the served figures and the false refusals use them.
+        verdicts = _verdicts(guard, measured) if guard is not None else None
         if predictor.uncertain_below is not None:
             flagged = (calibrated.max(1) < predictor.uncertain_below) | predictor.atypical(
                 calibrated, emb)
             entry["uncertain_rate"] = _rate(flagged)
             entry["accuracy_confident"] = _rate(correct[~flagged])
             entry["accuracy_uncertain"] = _rate(correct[flagged])
-            refused = (np.array([v.refused for v in _verdicts(guard, {
-                "emb": emb, "features": features, "descriptors": descriptors})], bool)
-                if guard is not None else np.zeros(len(indices), bool))
+            refused = (np.array([v.refused for v in verdicts], bool) if verdicts is not None
+                       else np.zeros(len(indices), bool))
             entry["served"] = _served_confidence(
                 correct, flagged, refused, calibrated.argmax(1) != NO_TUMOR,
                 y[indices] != NO_TUMOR, [data.sequences[i] for i in indices])
@@ -641,9 +643,7 @@ def evaluate_trust(predictor, data: CachedDataset, sets: dict[str, np.ndarray],
                               "test, before calibration", y[indices], probs)
             plots.reliability(out_dir / "reliability_test_after_calibration.png",
                               "test, after calibration", y[indices], calibrated)
-        if guard is not None:
-            measured = {"emb": emb, "features": features, "descriptors": descriptors}
-            verdicts = _verdicts(guard, measured)
+        if verdicts is not None:
             listed = np.array([data.paths[i] in not_mri for i in indices], bool)
             # Almost-black files (the guard's fixed "peak_brightness" rule) show no anatomy:
             # refusing them is right, so they are also tallied apart, beside the whole.
